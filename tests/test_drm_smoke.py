@@ -1,0 +1,101 @@
+"""Run drm.py as a user would (a subprocess with tiny settings on the CPU) and check what it wrote."""
+import ctypes.util
+import glob
+import os
+import subprocess
+import sys
+
+import imageio.v3 as iio
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = [
+    "--env-id", "cartpole-balance", "--num-seed-frames", "400", "--batch-size", "8",
+    "--buffer-size", "2000", "--log-every-updates", "10",
+]  # fmt: skip
+
+
+def run_drm(tmp_path, *flags, env=None):
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "drm.py"), *flags],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+
+
+def scalars(run_dir):
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_drm_smoke_run_writes_events_video_and_model(tmp_path):
+    # 600 agent steps: one full 500-step episode, updates from step 200, perturbations every 100 steps
+    result = run_drm(
+        tmp_path, *TINY, "--total-frames", "1200", "--eval-every-frames", "100000", "--num-eval-episodes", "1",
+        "--perturb-interval-steps", "100", "--capture-video", "--save-model", "--exp-name", "smoke", "--no-cuda",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "  max_perturb_factor: 1.0" in result.stdout and "  learning_rate: 0.0001" in result.stdout  # presets
+    assert "replay: 2,000 transitions" in result.stdout
+    assert "global_step=1000, episode=1, episodic_return=" in result.stdout
+
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert run_dir.name.startswith("cartpole-balance__smoke__121__")
+    logged = scalars(run_dir)
+    expected = {
+        "charts/episodic_return", "charts/episodic_length", "charts/SPS", "losses/qf1_values",
+        "losses/qf2_values", "losses/qf_loss", "losses/actor_loss", "losses/value_loss",
+        "charts/dormant_ratio", "charts/exploration_std", "charts/lambda", "charts/perturb_factor",
+        "eval/episodic_return",
+    }  # fmt: skip
+    assert expected <= set(logged), expected - set(logged)
+    assert logged["charts/episodic_length"] == [(1000, 1000.0)]
+    assert [step for step, _ in logged["charts/perturb_factor"]] == [400, 600, 800, 1000]  # env frames
+    assert [step for step, _ in logged["eval/episodic_return"]] == [0]
+    assert len(logged["losses/qf_loss"]) == 200 // 10  # 200 updates, one write per 10
+    assert all(0.0 <= value <= 1.0 for _, value in logged["charts/dormant_ratio"])
+
+    (video,) = glob.glob(str(tmp_path / "videos" / run_dir.name / "*.mp4"))
+    frames = iio.imread(video)
+    assert frames.shape[0] == 500 and frames.shape[1:3] == (256, 256) and frames.mean() > 10
+
+    model = torch.load(run_dir / "smoke.cleanrl_model", weights_only=False)
+    assert {"encoder", "actor", "critic", "critic_target", "value", "args"} <= set(model)
+    assert model["actor"]["trunk.0.weight"].shape == (50, 32 * 35 * 35)
+    assert model["critic"]["q1.4.weight"].shape == (1, 1024)
+    assert model["args"]["env_id"] == "cartpole-balance" and model["args"]["max_perturb_factor"] == 1.0
+
+
+def test_drm_with_all_mechanisms_off_is_drqv2(tmp_path):
+    result = run_drm(
+        tmp_path, *TINY, "--total-frames", "600", "--num-eval-episodes", "0",
+        "--no-perturb", "--exploration", "linear", "--no-exploit", "--cuda",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    if not torch.cuda.is_available():
+        assert "--cuda: no CUDA device is available, running on the CPU\n" in result.stdout
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    logged = scalars(run_dir)
+    assert "losses/value_loss" not in logged and "charts/perturb_factor" not in logged
+    assert {value for _, value in logged["charts/lambda"]} == {0.0}
+    # DrQ-v2's schedule: linear(1.0, 0.1, 500000) of the agent step, from step 0
+    for frame, std in logged["charts/exploration_std"]:
+        assert std == pytest.approx(1.0 - 0.9 * (frame // 2) / 500_000, abs=1e-6)
+
+
+def test_bad_input_stops_before_any_work(tmp_path):
+    result = run_drm(tmp_path, "--env-id", "walker-wlak")
+    assert result.returncode != 0
+    assert "unknown env id 'walker-wlak'; did you mean walker-walk" in result.stderr
+    result = run_drm(tmp_path, "--env-id", "walker-walk", "--batch-size", "300", "--buffer-size", "200")
+    assert result.returncode != 0 and "--batch-size 300 is larger than --buffer-size 200" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.skipif(ctypes.util.find_library("OSMesa") is not None, reason="OSMesa is installed here")
+def test_missing_rendering_backend_prints_the_apt_line(tmp_path):
+    result = run_drm(tmp_path, "--env-id", "walker-walk", env={**os.environ, "MUJOCO_GL": "osmesa"})
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "apt-get install -y --no-install-recommends libegl1 libopengl0 libgl1-mesa-dri" in result.stderr
