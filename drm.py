@@ -8,7 +8,7 @@ import sys
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Literal, NamedTuple, Optional
+from typing import Literal, NamedTuple
 
 os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering; must be set before dm_control is imported
 
@@ -23,29 +23,29 @@ from torch.utils.tensorboard import SummaryWriter
 
 @dataclass
 class Args:
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """the name of this experiment"""
+    exp_name: str = os.path.splitext(os.path.basename(__file__))[0]
+    """name of the experiment, part of the run name"""
     seed: int = 121
-    """seed of the experiment (the official DrM default)"""
+    """random seed of torch, numpy, python and the envs (121 is the official DrM default)"""
     torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True` (and cudnn autotuning off)"""
+    """deterministic cuDNN kernels (turns cuDNN autotuning off)"""
     cuda: bool = True
-    """if toggled, cuda will be enabled by default"""
+    """train on the GPU when one is available"""
     track: bool = False
-    """if toggled, this experiment will be tracked with Weights and Biases"""
+    """mirror the TensorBoard logs to Weights & Biases"""
     wandb_project_name: str = "DrM"
-    """the wandb's project name"""
-    wandb_entity: Optional[str] = None
-    """the entity (team) of wandb's project"""
+    """Weights & Biases project"""
+    wandb_entity: str | None = None
+    """Weights & Biases team or user (None: your default)"""
     capture_video: bool = False
-    """whether to save an mp4 of the first episode of every evaluation (check out the `videos` folder)"""
+    """save an mp4 of the first episode of every evaluation under `videos/{run_name}`"""
     save_model: bool = False
-    """whether to save the networks into the `runs/{run_name}` folder at the end"""
+    """save the networks' state dicts under `runs/{run_name}` at the end"""
 
     # Algorithm specific arguments
     env_id: str = "manipulator-bring_ball"
     """the dm_control suite task, `domain-task` (the official default task)"""
-    total_frames: Optional[int] = None
+    total_frames: int | None = None
     """total env frames of the run (preset per task)"""
     num_seed_frames: int = 4000
     """env frames of uniform random actions before learning starts"""
@@ -57,13 +57,13 @@ class Args:
     """env frames per agent step (each action is repeated this many times)"""
     frame_stack: int = 3
     """frames stacked into one observation"""
-    buffer_size: Optional[int] = None
+    buffer_size: int | None = None
     """replay capacity in transitions (preset per task)"""
-    batch_size: Optional[int] = None
+    batch_size: int | None = None
     """the batch size of samples from the replay memory (preset per task)"""
-    learning_rate: Optional[float] = None
+    learning_rate: float | None = None
     """the learning rate of all four Adam optimizers (preset per task)"""
-    feature_dim: Optional[int] = None
+    feature_dim: int | None = None
     """width of the trunk after the encoder (preset per task)"""
     hidden_dim: int = 1024
     """width of the hidden layers of actor, critic and value network"""
@@ -79,7 +79,7 @@ class Args:
     """start of the linear exploration-std schedule"""
     std_final: float = 0.1
     """end of the linear exploration-std schedule"""
-    std_schedule_steps: Optional[int] = None
+    std_schedule_steps: int | None = None
     """length of the linear exploration-std schedule in agent steps (preset per task)"""
     std_clip: float = 0.3
     """clip of the policy noise in the actor and critic updates"""
@@ -105,7 +105,7 @@ class Args:
     """perturb every this many agent steps"""
     min_perturb_factor: float = 0.2
     """smallest share of the old weights kept by a perturbation"""
-    max_perturb_factor: Optional[float] = None
+    max_perturb_factor: float | None = None
     """largest share of the old weights kept by a perturbation (preset per task)"""
     perturb_rate: float = 2.0
     """perturb factor = clip(1 - perturb_rate * dormant_ratio, min, max)"""
@@ -275,8 +275,9 @@ class ReplayBuffer:
     def __init__(self, capacity, frame_shape, action_dim, frame_stack, nstep, gamma, device):
         self.capacity, self.frame_stack, self.nstep, self.gamma = capacity, frame_stack, nstep, gamma
         self.device = torch.device(device)
-        self.frames = torch.zeros((capacity, *frame_shape), dtype=torch.uint8, device=device)
-        self.actions = torch.zeros((capacity, action_dim), dtype=torch.float32, device=device)
+        # never zero-filled: only written slots are ever read, and host pages are committed as they fill
+        self.frames = torch.empty((capacity, *frame_shape), dtype=torch.uint8, device=device)
+        self.actions = torch.empty((capacity, action_dim), dtype=torch.float32, device=device)
         self.rewards = torch.zeros(capacity, dtype=torch.float32, device=device)
         self.discounts = torch.ones(capacity, dtype=torch.float32, device=device)
         self.episode_steps = torch.zeros(capacity, dtype=torch.int64, device=device)
@@ -550,8 +551,8 @@ def evaluate(env, encoder, actor, num_episodes, device, video_path=None):
 
 
 if __name__ == "__main__":
-    suite = import_suite()
-    args = resolve_args(tyro.cli(Args), [f"{domain}-{task}" for domain, task in suite.ALL_TASKS])
+    args = tyro.cli(Args)
+    args = resolve_args(args, [f"{domain}-{task}" for domain, task in import_suite().ALL_TASKS])
     if args.track:
         try:
             import wandb
@@ -591,10 +592,8 @@ if __name__ == "__main__":
             save_code=True,
         )
     writer = SummaryWriter(f"runs/{run_name}")
-    writer.add_text(
-        "hyperparameters",
-        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
-    )
+    table_rows = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
+    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table_rows}")
 
     # ALGO LOGIC: initialize agent here
     encoder = Encoder(obs_shape).to(device)
@@ -652,7 +651,7 @@ if __name__ == "__main__":
         if step % eval_every_steps == 0 and args.num_eval_episodes > 0:
             video_path = f"videos/{run_name}/{global_step}.mp4" if args.capture_video else None
             eval_return = evaluate(eval_env, encoder, actor, args.num_eval_episodes, device, video_path)
-            print(f"global_step={global_step}, eval/episodic_return={eval_return:.1f}")
+            print(f"global_step={global_step}, eval/episodic_return={eval_return:.1f}", flush=True)
             writer.add_scalar("eval/episodic_return", eval_return, global_step)
 
         # ALGO LOGIC: put action logic here
@@ -715,7 +714,7 @@ if __name__ == "__main__":
             actor_optimizer.step()
 
             with torch.no_grad():
-                for param, target_param in zip(critic.parameters(), critic_target.parameters()):
+                for param, target_param in zip(critic.parameters(), critic_target.parameters(), strict=True):
                     target_param.lerp_(param, args.tau)
 
             num_updates += 1
@@ -744,7 +743,7 @@ if __name__ == "__main__":
             episode_count += 1
             frames_done = (step + 1) * args.action_repeat
             sps = int(frames_done / (time.time() - start_time))
-            print(f"global_step={frames_done}, episode={episode_count}, episodic_return={episode_return:.1f}, SPS={sps}")
+            print(f"global_step={frames_done}, episode={episode_count}, episodic_return={episode_return:.1f}, SPS={sps}", flush=True)
             writer.add_scalar("charts/episodic_return", episode_return, frames_done)
             writer.add_scalar("charts/episodic_length", episode_length * args.action_repeat, frames_done)
             writer.add_scalar("charts/SPS", sps, frames_done)
