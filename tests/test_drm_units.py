@@ -1,4 +1,6 @@
-"""Unit tests of drm.py's pure pieces against hand-computed values."""
+"""Unit tests of drm.py's pure pieces against hand-computed values. The pieces every script inlines
+identically are checked in each script through the `script` fixture."""
+import importlib
 import math
 
 import numpy as np
@@ -10,6 +12,11 @@ import torch.nn.functional as F
 import drm
 
 
+@pytest.fixture(params=["drm", "drm_adroit"])
+def script(request):
+    return importlib.import_module(request.param)
+
+
 def set_linear(linear, weight, bias):
     with torch.no_grad():
         linear.weight.copy_(torch.as_tensor(weight, dtype=torch.float32))
@@ -17,7 +24,7 @@ def set_linear(linear, weight, bias):
 
 
 # ----------------------------------------------------------------------------------- dormant ratio
-def test_dormant_ratio_counts_known_dormant_neurons():
+def test_dormant_ratio_counts_known_dormant_neurons(script):
     # per-neuron mean |output| over the batch: 1, 1, 0.01, 0 -> layer mean 0.5025, cut 0.01256
     # -> neurons 3 and 4 are dormant; the second layer's single neuron is never below its own mean
     layer1, layer2 = nn.Linear(2, 4), nn.Linear(4, 1)
@@ -25,22 +32,22 @@ def test_dormant_ratio_counts_known_dormant_neurons():
     set_linear(layer2, [[1, 1, 1, 1]], [0])
     model = nn.Sequential(layer1, layer2)
     x = torch.tensor([[1.0, 1.0], [-1.0, -1.0]])
-    ratio = drm.dormant_ratio(model, x)
+    ratio = script.dormant_ratio(model, x)
     assert torch.is_tensor(ratio) and ratio.dim() == 0
     assert ratio.item() == pytest.approx(2 / 5)
     # a threshold under 0.01 / 0.5025 = 0.0199 spares neuron 3
-    assert drm.dormant_ratio(model, x, threshold=0.019).item() == pytest.approx(1 / 5)
+    assert script.dormant_ratio(model, x, threshold=0.019).item() == pytest.approx(1 / 5)
 
 
 @pytest.mark.parametrize("inplace, expected", [(True, 1 / 3), (False, 0.0)])
-def test_dormant_ratio_sees_through_in_place_relu(inplace, expected):
+def test_dormant_ratio_sees_through_in_place_relu(script, inplace, expected):
     # unit 2 has pre-activations -9 and -8: active by |pre-activation|, dead after the ReLU.
     # The official actor's in-place ReLUs make the hook see the post-ReLU value.
     layer1, layer2 = nn.Linear(1, 2), nn.Linear(2, 1)
     set_linear(layer1, [[1], [1]], [0, -10])
     set_linear(layer2, [[1, 1]], [0])
     model = nn.Sequential(layer1, nn.ReLU(inplace=inplace), layer2)
-    assert drm.dormant_ratio(model, torch.tensor([[1.0], [2.0]])).item() == pytest.approx(expected)
+    assert script.dormant_ratio(model, torch.tensor([[1.0], [2.0]])).item() == pytest.approx(expected)
 
 
 def test_dormant_ratio_of_actor_hooks_every_linear_and_leaves_no_hooks():
@@ -55,7 +62,7 @@ def test_dormant_ratio_of_actor_hooks_every_linear_and_leaves_no_hooks():
 
 
 # ------------------------------------------------------------------------------------- perturbation
-def test_perturb_blends_linear_layers_with_a_fresh_orthogonal_draw():
+def test_perturb_blends_linear_layers_with_a_fresh_orthogonal_draw(script):
     model = nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3))
     old_weight, old_bias = torch.randn(3, 3), torch.randn(3)
     set_linear(model[0], old_weight, old_bias)
@@ -69,7 +76,7 @@ def test_perturb_blends_linear_layers_with_a_fresh_orthogonal_draw():
     layer_norm = {k: v.clone() for k, v in model[1].state_dict().items()}
 
     torch.manual_seed(7)
-    drm.perturb(model, optimizer, 0.25)
+    script.perturb(model, optimizer, 0.25)
     torch.manual_seed(7)
     fresh = nn.init.orthogonal_(torch.empty(3, 3))
     torch.testing.assert_close(model[0].weight.detach(), 0.25 * stepped_weight + 0.75 * fresh)
@@ -98,40 +105,40 @@ def test_perturb_leaves_the_conv_encoder_and_factor_one_untouched():
     "ratio, expected",
     [(0.0, 1 / (1 + math.exp(2))), (0.2, 0.5), (0.4, 1 / (1 + math.exp(-2))), (1.0, 1 / (1 + math.exp(-8)))],
 )
-def test_dormant_std(ratio, expected):
-    assert drm.dormant_std(ratio) == pytest.approx(expected)
-    assert drm.dormant_std(torch.tensor(ratio)).item() == pytest.approx(expected, rel=1e-6)
+def test_dormant_std(script, ratio, expected):
+    assert script.dormant_std(ratio) == pytest.approx(expected)
+    assert script.dormant_std(torch.tensor(ratio)).item() == pytest.approx(expected, rel=1e-6)
 
 
 @pytest.mark.parametrize(
     "ratio, expected", [(0.0, 0.6 / (1 + math.exp(-10))), (0.2, 0.3), (0.3, 0.6 / (1 + math.exp(5)))]
 )
-def test_exploitation_lambda(ratio, expected):
-    assert drm.exploitation_lambda(ratio) == pytest.approx(expected)
-    assert drm.exploitation_lambda(torch.tensor(ratio)).item() == pytest.approx(expected, rel=1e-5)
-    assert drm.exploitation_lambda(0.2, target_lambda=0.5) == pytest.approx(0.25)
+def test_exploitation_lambda(script, ratio, expected):
+    assert script.exploitation_lambda(ratio) == pytest.approx(expected)
+    assert script.exploitation_lambda(torch.tensor(ratio)).item() == pytest.approx(expected, rel=1e-5)
+    assert script.exploitation_lambda(0.2, target_lambda=0.5) == pytest.approx(0.25)
 
 
 @pytest.mark.parametrize(
     "ratio, max_factor, expected", [(0.0, 1.0, 1.0), (0.1, 1.0, 0.8), (0.5, 1.0, 0.2), (0.0, 0.6, 0.6), (0.15, 0.6, 0.6)]
 )
-def test_perturb_factor(ratio, max_factor, expected):
-    assert drm.perturb_factor(ratio, max_factor=max_factor) == pytest.approx(expected)
-    assert drm.perturb_factor(torch.tensor(ratio), max_factor=max_factor).item() == pytest.approx(expected)
+def test_perturb_factor(script, ratio, max_factor, expected):
+    assert script.perturb_factor(ratio, max_factor=max_factor) == pytest.approx(expected)
+    assert script.perturb_factor(torch.tensor(ratio), max_factor=max_factor).item() == pytest.approx(expected)
 
 
-def test_linear_schedule():
-    assert drm.linear_schedule(1.0, 0.1, 100, 50) == pytest.approx(0.55)
-    assert drm.linear_schedule(1.0, 0.1, 100, 500) == pytest.approx(0.1)
-    assert drm.linear_schedule(1.0, 0.1, 100, -5) == pytest.approx(1.0)
-    assert drm.linear_schedule(1.0, 0.1, 100, torch.tensor(25)).item() == pytest.approx(0.775)
+def test_linear_schedule(script):
+    assert script.linear_schedule(1.0, 0.1, 100, 50) == pytest.approx(0.55)
+    assert script.linear_schedule(1.0, 0.1, 100, 500) == pytest.approx(0.1)
+    assert script.linear_schedule(1.0, 0.1, 100, -5) == pytest.approx(1.0)
+    assert script.linear_schedule(1.0, 0.1, 100, torch.tensor(25)).item() == pytest.approx(0.775)
 
 
-def test_expectile_loss_weights():
+def test_expectile_loss_weights(script):
     # V - Q = +1 (over-estimate) weighs 1 - 0.9, V - Q = -2 weighs 0.9: (0.1 * 1 + 0.9 * 4) / 2
     diff = torch.tensor([[1.0], [-2.0]])
-    assert drm.expectile_loss(diff, 0.9).item() == pytest.approx(1.85)
-    assert drm.expectile_loss(diff, 0.5).item() == pytest.approx(0.5 * 5 / 2)
+    assert script.expectile_loss(diff, 0.9).item() == pytest.approx(1.85)
+    assert script.expectile_loss(diff, 0.5).item() == pytest.approx(0.5 * 5 / 2)
 
 
 # ------------------------------------------------------------------------------ augmentation, policy
@@ -147,30 +154,30 @@ def drqv2_shift(images, shifts, pad=4):
     return F.grid_sample(padded, grid, padding_mode="zeros", align_corners=False)
 
 
-def test_random_shift_moves_a_known_pixel():
+def test_random_shift_moves_a_known_pixel(script):
     image = torch.zeros(3, 2, 84, 84)
     image[:, :, 10, 20] = 255.0
     shifts = torch.tensor([[4, 4], [0, 0], [8, 0]])  # (x, y); 4 is the identity
-    out = drm.random_shift(image, shifts=shifts)
+    out = script.random_shift(image, shifts=shifts)
     assert torch.equal(out[0], image[0])
     assert out[1, :, 14, 24].eq(255).all() and out[1].sum() == 2 * 255  # moved down-right by 4
     assert out[2, :, 14, 16].eq(255).all() and out[2].sum() == 2 * 255  # down 4, left 4
 
 
-def test_random_shift_equals_drqv2_grid_sample():
+def test_random_shift_equals_drqv2_grid_sample(script):
     images = torch.randint(0, 256, (6, 9, 84, 84)).float()
     shifts = torch.randint(0, 9, (6, 2))
-    torch.testing.assert_close(drm.random_shift(images, shifts=shifts), drqv2_shift(images, shifts), atol=1e-2, rtol=0)
-    assert drm.random_shift(images).shape == images.shape
+    torch.testing.assert_close(script.random_shift(images, shifts=shifts), drqv2_shift(images, shifts), atol=1e-2, rtol=0)
+    assert script.random_shift(images).shape == images.shape
 
 
-def test_sample_action_noise_clip_bounds_and_straight_through_gradient():
+def test_sample_action_noise_clip_bounds_and_straight_through_gradient(script):
     mean = torch.tensor([[0.0, 0.9999999, -0.5]], requires_grad=True)
-    assert torch.equal(drm.sample_action(mean, 0.0), mean.detach().clamp(-1 + 1e-6, 1 - 1e-6))
+    assert torch.equal(script.sample_action(mean, 0.0), mean.detach().clamp(-1 + 1e-6, 1 - 1e-6))
     torch.manual_seed(0)
-    samples = drm.sample_action(mean.detach().expand(10000, 3), 5.0, clip=0.3)
+    samples = script.sample_action(mean.detach().expand(10000, 3), 5.0, clip=0.3)
     assert ((samples - mean.detach()).abs() <= 0.3 + 1e-6).all() and samples.abs().max() < 1
-    drm.sample_action(mean, 1.0).sum().backward()
+    script.sample_action(mean, 1.0).sum().backward()
     assert torch.equal(mean.grad, torch.ones_like(mean))
 
 
@@ -289,9 +296,9 @@ def test_dmc_env_pixels_stack_actions_and_episode_length():
     assert drm.make_env("quadruped-walk", seed=1).camera_id == 2
 
 
-def test_replay_that_fits_nowhere_stops_before_training(monkeypatch):
-    monkeypatch.setattr(drm, "available_host_memory", lambda: 8 * 1024**3)
-    assert drm.replay_device(2 * 1024**3, torch.device("cpu")) == torch.device("cpu")
+def test_replay_that_fits_nowhere_stops_before_training(script, monkeypatch):
+    monkeypatch.setattr(script, "available_host_memory", lambda: 8 * 1024**3)
+    assert script.replay_device(2 * 1024**3, torch.device("cpu")) == torch.device("cpu")
     with pytest.raises(SystemExit) as stop:
-        drm.replay_device(21_212_000_000, torch.device("cpu"))
+        script.replay_device(21_212_000_000, torch.device("cpu"))
     assert "the replay buffer needs 21.2 GB" in str(stop.value) and "lower --buffer-size" in str(stop.value)

@@ -1,0 +1,95 @@
+"""Run drm_adroit.py as a user would (a subprocess with tiny settings on the CPU) and check what it wrote."""
+import ctypes.util
+import glob
+import os
+import subprocess
+import sys
+
+import imageio.v3 as iio
+import pytest
+import torch
+
+from test_drm_smoke import scalars
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "drm_adroit.py")
+TINY = ["--num-seed-frames", "400", "--batch-size", "8", "--buffer-size", "2000", "--log-every-updates", "10"]
+
+
+def run_adroit(tmp_path, *flags, env=None, python_prefix=()):
+    return subprocess.run(
+        [sys.executable, *python_prefix, SCRIPT, *flags],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+
+
+def test_adroit_smoke_run_writes_events_video_and_model(tmp_path):
+    # hammer: 100-agent-step episodes; 300 agent steps = 3 episodes, updates from step 200
+    result = run_adroit(
+        tmp_path, "--env-id", "hammer", *TINY, "--total-frames", "600", "--eval-every-frames", "100000",
+        "--num-eval-episodes", "2", "--perturb-interval-steps", "50", "--capture-video", "--save-model",
+        "--exp-name", "smoke", "--no-cuda",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "  expectile: 0.7" in result.stdout and "  max_perturb_factor: 0.9" in result.stdout
+    assert "global_step=200, episode=1, episodic_return=" in result.stdout
+    assert "Traceback" not in result.stderr
+
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert run_dir.name.startswith("hammer__smoke__121__")
+    logged = scalars(run_dir)
+    expected = {
+        "charts/episodic_return", "charts/episodic_length", "charts/success_rate", "charts/SPS",
+        "losses/qf1_values", "losses/qf2_values", "losses/qf_loss", "losses/actor_loss", "losses/value_loss",
+        "charts/dormant_ratio", "charts/exploration_std", "charts/lambda", "charts/perturb_factor",
+        "eval/episodic_return", "eval/success_rate",
+    }  # fmt: skip
+    assert expected <= set(logged), expected - set(logged)
+    assert logged["charts/episodic_length"] == [(200, 200.0), (400, 200.0), (600, 200.0)]  # env frames
+    assert [value for _, value in logged["charts/success_rate"]] == [0.0, 0.0, 0.0]  # random hammering
+    assert [step for step, _ in logged["eval/success_rate"]] == [0]
+    assert [step for step, _ in logged["charts/perturb_factor"]] == [400, 500]  # agent steps 200, 250
+    assert len(logged["losses/qf_loss"]) == 50 // 10  # 50 updates, one write per 10
+
+    (video,) = glob.glob(str(tmp_path / "videos" / run_dir.name / "*.mp4"))
+    frames = iio.imread(video)
+    assert frames.shape[0] == 100 and frames.shape[1:3] == (256, 256) and frames.mean() > 20
+
+    model = torch.load(run_dir / "smoke.cleanrl_model", weights_only=False)
+    assert {"encoder", "actor", "critic", "critic_target", "value", "args"} <= set(model)
+    assert model["actor"]["state_fusion.state_mlp.0.weight"].shape == (1024, 24)
+    assert model["critic"]["state_fusion.fusion.2.weight"].shape == (50, 1024)
+    assert model["encoder"]["convnet.0.weight"].shape == (32, 3, 3, 3)  # one frame
+    assert model["args"]["env_id"] == "hammer"
+
+
+def test_adroit_pen_drqv2_mode(tmp_path):
+    result = run_adroit(
+        tmp_path, "--env-id", "pen", *TINY, "--total-frames", "500", "--num-eval-episodes", "1",
+        "--no-perturb", "--exploration", "linear", "--no-exploit",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    logged = scalars(run_dir)
+    assert "losses/value_loss" not in logged and "charts/perturb_factor" not in logged
+    assert {value for _, value in logged["charts/lambda"]} == {0.0}
+    assert all(length <= 100 for _, length in logged["charts/episodic_length"])  # pen: 100 env steps at most
+
+
+def test_adroit_bad_input_stops_before_any_work(tmp_path):
+    result = run_adroit(tmp_path, "--env-id", "kettle")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "unknown env id 'kettle'; valid ids: door, hammer, pen, relocate" in result.stderr
+    # gymnasium-robotics made unimportable: the install line, no traceback
+    hide = "import runpy, sys; sys.modules['gymnasium_robotics'] = None; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+    result = run_adroit(tmp_path, "--env-id", "door", python_prefix=("-c", hide))
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "pip install gymnasium-robotics==1.4.2" in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.skipif(ctypes.util.find_library("OSMesa") is not None, reason="OSMesa is installed here")
+def test_adroit_missing_rendering_backend_prints_the_apt_line(tmp_path):
+    result = run_adroit(tmp_path, "--env-id", "door", env={**os.environ, "MUJOCO_GL": "osmesa"})
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "apt-get install -y --no-install-recommends libegl1 libopengl0 libgl1-mesa-dri" in result.stderr
