@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import drm
 
 
-@pytest.fixture(params=["drm", "drm_adroit"])
+@pytest.fixture(params=["drm", "drm_adroit", "drm_metaworld"])
 def script(request):
     return importlib.import_module(request.param)
 

@@ -1,0 +1,797 @@
+# docs and implementation details: README.md, section "drm_metaworld.py (Meta-World)"
+import difflib
+import math
+import os
+import random
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
+
+os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering; must be set before mujoco is imported
+
+import imageio
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.splitext(os.path.basename(__file__))[0]
+    """name of the experiment, part of the run name"""
+    seed: int = 121
+    """random seed of torch, numpy, python and the envs (121 is the official DrM default)"""
+    torch_deterministic: bool = True
+    """deterministic cuDNN kernels (turns cuDNN autotuning off)"""
+    cuda: bool = True
+    """train on the GPU when one is available"""
+    track: bool = False
+    """mirror the TensorBoard logs to Weights & Biases"""
+    wandb_project_name: str = "DrM"
+    """Weights & Biases project"""
+    wandb_entity: str | None = None
+    """Weights & Biases team or user (None: your default)"""
+    capture_video: bool = False
+    """save an mp4 of the first episode of every evaluation under `videos/{run_name}`"""
+    save_model: bool = False
+    """save the networks' state dicts under `runs/{run_name}` at the end"""
+
+    # Algorithm specific arguments
+    env_id: str = "coffee-push"
+    """the Meta-World v3 task, e.g. coffee-push, assembly, stick-pull (any of the 50)"""
+    total_frames: int = 2_100_000
+    """total env frames of the run"""
+    num_seed_frames: int = 4000
+    """env frames of uniform random actions before learning starts"""
+    eval_every_frames: int = 10000
+    """evaluate every this many env frames (starting at frame 0)"""
+    num_eval_episodes: int = 10
+    """episodes per evaluation (mean action, no noise)"""
+    action_repeat: int = 2
+    """env frames per agent step (each action is repeated this many times)"""
+    frame_stack: int = 3
+    """frames stacked into one observation (zeros before an episode's first frame, as in DrM)"""
+    shadow_size: int | None = 1024
+    """side of the renderer's shadow map (None: the model's 4096); 1024 renders faster, see README"""
+    buffer_size: int = 1_000_000
+    """replay capacity in transitions"""
+    batch_size: int = 256
+    """the batch size of samples from the replay memory"""
+    learning_rate: float = 1e-4
+    """the learning rate of all four Adam optimizers"""
+    feature_dim: int = 50
+    """width of the trunk after the encoder"""
+    hidden_dim: int = 1024
+    """width of the hidden layers of actor, critic and value network"""
+    nstep: int = 10
+    """n of the n-step return, in agent steps (the official Meta-World runs' effective value)"""
+    gamma: float = 0.97
+    """the discount factor gamma per agent step (the official Meta-World runs' effective value)"""
+    tau: float = 0.01
+    """target critic smoothing coefficient"""
+    update_every_steps: int = 2
+    """one update every this many agent steps"""
+    std_init: float = 1.0
+    """start of the linear exploration-std schedule"""
+    std_final: float = 0.1
+    """end of the linear exploration-std schedule"""
+    std_schedule_steps: int = 500_000
+    """length of the linear exploration-std schedule in agent steps"""
+    std_clip: float = 0.3
+    """clip of the policy noise in the actor and critic updates"""
+    exploration: Literal["awake", "dormant", "linear"] = "awake"
+    """exploration std: `awake` (DrM), `dormant` (sigmoid of the dormant ratio only), `linear` (DrQ-v2)"""
+    perturb: bool = True
+    """if toggled, shrink-and-perturb the weights every `perturb-interval-steps` (DrM)"""
+    exploit: bool = True
+    """if toggled, train the expectile value network and blend it into the TD target (DrM)"""
+    lambda_schedule: Literal["constant", "dormant"] = "constant"
+    """lambda, the weight of V in the TD target: `constant` target-lambda (DrM's Meta-World agent) or
+    `dormant`, drm.py's sigmoid of the dormant ratio"""
+    critic_dropout: float = 0.01
+    """dropout rate after each hidden Linear of the critic heads (DrM's Meta-World critic)"""
+    dormant_threshold: float = 0.025
+    """a neuron is dormant if its mean |activation| is below this fraction of its layer's mean"""
+    target_dormant_ratio: float = 0.2
+    """dormant ratio at which the awake/exploitation sigmoids cross their midpoint"""
+    dormant_temp: float = 10.0
+    """inverse temperature of the dormant-ratio exploration sigmoid"""
+    target_lambda: float = 0.5
+    """weight of the value network in the TD target (its maximum with `--lambda-schedule dormant`)"""
+    lambda_temp: float = 50.0
+    """inverse temperature of the exploitation lambda sigmoid (`--lambda-schedule dormant` only)"""
+    expectile: float = 0.9
+    """expectile of the value network's regression on min(Q1, Q2)"""
+    perturb_interval_steps: int = 100000
+    """perturb every this many agent steps"""
+    min_perturb_factor: float = 0.2
+    """smallest share of the old weights kept by a perturbation"""
+    max_perturb_factor: float = 0.95
+    """largest share of the old weights kept by a perturbation"""
+    perturb_rate: float = 2.0
+    """perturb factor = clip(1 - perturb_rate * dormant_ratio, min, max)"""
+    log_every_updates: int = 100
+    """write the scalars that need a device-to-host copy every this many updates"""
+
+
+# Every task runs with the official Meta-World config (REFERENCE.md sections 8 and 10.3), whose values
+# are the Args defaults above.
+EPISODE_FRAMES = 500  # Meta-World's max_path_length: 250 agent steps at action repeat 2, never ended early
+CAMERA = "corner4"  # the v3 models' corner4 is DrM's corner2 moved to (0.75, 0.075, 0.7)
+VIDEO_SIZE = 256  # evaluation videos are rendered larger than what the agent sees
+RENDER_HELP = (
+    "On Debian/Ubuntu install the EGL libraries: "
+    "apt-get install -y --no-install-recommends libegl1 libopengl0 libgl1-mesa-dri"
+)
+
+
+def import_mujoco():
+    """mujoco picks its rendering backend when imported, so it is imported here, where a missing
+    backend can be explained instead of ending in a traceback."""
+    try:
+        import mujoco
+    except Exception as error:
+        sys.exit(f"drm_metaworld.py: mujoco cannot render with MUJOCO_GL={os.environ['MUJOCO_GL']} ({error!r}). {RENDER_HELP}")
+    return mujoco
+
+
+def import_metaworld():
+    """The goal-observable v3 env classes by task id (`coffee-push`); a missing metaworld is explained."""
+    import_mujoco()  # first, so that a missing rendering backend is reported as such
+    try:
+        from metaworld.env_dict import ALL_V3_ENVIRONMENTS_GOAL_OBSERVABLE
+    except ImportError as error:
+        sys.exit(f"drm_metaworld.py: the Meta-World tasks need metaworld ({error}): pip install metaworld==3.1.1")
+    suffix = "-v3-goal-observable"
+    return {name.removesuffix(suffix): env_class for name, env_class in ALL_V3_ENVIRONMENTS_GOAL_OBSERVABLE.items()}
+
+
+def make_renderer(model, size):
+    try:
+        return import_mujoco().Renderer(model, size, size)
+    except Exception as error:
+        sys.exit(f"drm_metaworld.py: mujoco cannot render with MUJOCO_GL={os.environ['MUJOCO_GL']} ({error!r}). {RENDER_HELP}")
+
+
+def resolve_args(args: Args, valid_env_ids) -> Args:
+    """Stop with a one-line reason on an unknown task or impossible settings, before any env or network
+    is built."""
+    if args.env_id not in valid_env_ids:
+        close = difflib.get_close_matches(args.env_id, valid_env_ids, n=5, cutoff=0.5)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        sys.exit(f"drm_metaworld.py: unknown env id {args.env_id!r}; {hint}valid ids: {', '.join(sorted(valid_env_ids))}")
+
+    episode_steps = EPISODE_FRAMES // max(args.action_repeat, 1)
+    problems = [
+        (args.total_frames <= 0, f"--total-frames must be positive (got {args.total_frames})"),
+        (args.num_seed_frames < 0, f"--num-seed-frames must be >= 0 (got {args.num_seed_frames})"),
+        (args.eval_every_frames <= 0, f"--eval-every-frames must be positive (got {args.eval_every_frames})"),
+        (args.num_eval_episodes < 0, f"--num-eval-episodes must be >= 0 (got {args.num_eval_episodes})"),
+        (args.action_repeat < 1, f"--action-repeat must be >= 1 (got {args.action_repeat})"),
+        (args.frame_stack < 1, f"--frame-stack must be >= 1 (got {args.frame_stack})"),
+        (args.batch_size <= 0, f"--batch-size must be positive (got {args.batch_size})"),
+        (args.buffer_size <= 0, f"--buffer-size must be positive (got {args.buffer_size})"),
+        (args.batch_size > args.buffer_size, f"--batch-size {args.batch_size} is larger than --buffer-size {args.buffer_size}"),
+        (args.nstep < 1, f"--nstep must be >= 1 (got {args.nstep})"),
+        (args.nstep >= episode_steps, f"--nstep {args.nstep} is not shorter than an episode ({episode_steps} agent steps)"),
+        (args.buffer_size <= args.nstep + args.frame_stack, f"--buffer-size {args.buffer_size} cannot hold one n-step window"),
+        (args.num_seed_frames // args.action_repeat <= args.nstep,
+         f"--num-seed-frames {args.num_seed_frames} leaves no complete n-step window to learn from at the first update"),
+        (args.update_every_steps < 1, f"--update-every-steps must be >= 1 (got {args.update_every_steps})"),
+        (args.perturb_interval_steps < 1, f"--perturb-interval-steps must be >= 1 (got {args.perturb_interval_steps})"),
+        (args.std_schedule_steps <= 0, f"--std-schedule-steps must be positive (got {args.std_schedule_steps})"),
+        (args.log_every_updates < 1, f"--log-every-updates must be >= 1 (got {args.log_every_updates})"),
+        (args.learning_rate <= 0, f"--learning-rate must be positive (got {args.learning_rate})"),
+        (not 0 < args.gamma <= 1, f"--gamma must be in (0, 1] (got {args.gamma})"),
+        (not 0 < args.tau <= 1, f"--tau must be in (0, 1] (got {args.tau})"),
+        (not 0 < args.expectile < 1, f"--expectile must be in (0, 1) (got {args.expectile})"),
+        (not 0 <= args.min_perturb_factor <= args.max_perturb_factor <= 1,
+         f"perturb factors need 0 <= --min-perturb-factor <= --max-perturb-factor <= 1 "
+         f"(got {args.min_perturb_factor}, {args.max_perturb_factor})"),
+    ]
+    for failed, reason in problems:
+        if failed:
+            sys.exit(f"drm_metaworld.py: {reason}")
+    return args
+
+
+class MetaWorldEnv:
+    """A Meta-World v3 task from pixels, with a fresh random object and goal at every reset: 84x84
+    uint8 frames from the corner4 camera, channels first, the last `frame_stack` frames stacked
+    (zeros before the episode's first frame), each float32 action in [-1, 1] repeated
+    `action_repeat` times with the rewards summed. `success` tells whether any env step of the
+    current episode succeeded."""
+
+    def __init__(self, env_id, seed, action_repeat=2, frame_stack=3, size=84, shadow_size=None):
+        self.env = import_metaworld()[env_id](seed=seed)
+        # re-sample object and goal positions at every reset, from the env's own generator, seeded above
+        self.env._freeze_rand_vec = False
+        self.env.seeded_rand_vec = True
+        if shadow_size is not None:
+            self.env.model.vis.quality.shadowsize = shadow_size  # read when a renderer is created
+        # one persistent renderer per size: gymnasium's env.render() returns black frames once a process
+        # holds a second GL context
+        self.renderers = {size: make_renderer(self.env.model, size)}
+        self.action_repeat, self.size = action_repeat, size
+        self.action_dim = self.env.action_space.shape[0]
+        self.frames = deque(maxlen=frame_stack)
+        self.observation_shape = (3 * frame_stack, size, size)
+        self.episode_frames, self.success = 0, False
+
+    def render(self, size=None):
+        size = size or self.size
+        if size not in self.renderers:
+            self.renderers[size] = make_renderer(self.env.model, size)
+        self.renderers[size].update_scene(self.env.data, camera=CAMERA)
+        return self.renderers[size].render()
+
+    def close(self):
+        for renderer in self.renderers.values():
+            renderer.close()
+
+    def _observation(self):
+        return np.concatenate(self.frames, axis=0)
+
+    def reset(self):
+        self.env.reset()
+        self.episode_frames, self.success = 0, False
+        frame = self.render().transpose(2, 0, 1).copy()
+        for _ in range(self.frames.maxlen - 1):
+            self.frames.append(np.zeros_like(frame))
+        self.frames.append(frame)
+        return self._observation()
+
+    def step(self, action):
+        """Returns (observation, reward, discount, last); Meta-World episodes end only at the time
+        limit, so the discount is always 1 (bootstrap)."""
+        action = np.clip(np.asarray(action, dtype=np.float32), -1.0, 1.0)
+        reward = 0.0
+        for _ in range(self.action_repeat):
+            _, env_reward, _, _, info = self.env.step(action)
+            reward += env_reward
+            self.success = self.success or bool(info["success"])
+            self.episode_frames += 1
+            if self.episode_frames >= EPISODE_FRAMES:
+                break
+        self.frames.append(self.render().transpose(2, 0, 1).copy())
+        return self._observation(), reward, 1.0, self.episode_frames >= EPISODE_FRAMES
+
+
+def make_env(env_id, seed, action_repeat=2, frame_stack=3, shadow_size=None):
+    return MetaWorldEnv(env_id, seed, action_repeat, frame_stack, shadow_size=shadow_size)
+
+
+# ALGO LOGIC: replay buffer
+class Batch(NamedTuple):
+    obs: torch.Tensor  # uint8, (B, 3 * frame_stack, 84, 84)
+    action: torch.Tensor
+    reward: torch.Tensor  # n-step discounted reward sum, (B, 1)
+    discount: torch.Tensor  # gamma^n times the env discounts of the window, (B, 1)
+    next_obs: torch.Tensor
+
+
+class ReplayBuffer:
+    """A ring of SINGLE frames, one slot per env time step (the reset step included, with a zero
+    action). Frame stacks and n-step returns are rebuilt at sample time. A slot k is a valid sample
+    start when slots k..k+n hold one episode, so windows never cross an episode end; `valid` tracks
+    that as the ring is written, and sampling is uniform over valid starts."""
+
+    def __init__(self, capacity, frame_shape, action_dim, frame_stack, nstep, gamma, device):
+        self.capacity, self.frame_stack, self.nstep, self.gamma = capacity, frame_stack, nstep, gamma
+        self.device = torch.device(device)
+        # never zero-filled: only written slots are ever read, and host pages are committed as they fill
+        self.frames = torch.empty((capacity, *frame_shape), dtype=torch.uint8, device=device)
+        self.actions = torch.empty((capacity, action_dim), dtype=torch.float32, device=device)
+        self.rewards = torch.zeros(capacity, dtype=torch.float32, device=device)
+        self.discounts = torch.ones(capacity, dtype=torch.float32, device=device)
+        self.episode_steps = torch.zeros(capacity, dtype=torch.int64, device=device)
+        self.valid = torch.zeros(capacity, dtype=torch.float32, device=device)  # sampling weights, 0 or 1
+        self.stack_offsets = torch.arange(frame_stack - 1, -1, -1, device=device)  # oldest frame first
+        self.retire_offsets = torch.arange(frame_stack, device=device)
+        self.window_offsets = torch.arange(1, nstep + 1, device=device)
+        self.pos, self.size, self.episode_step = 0, 0, 0
+
+    @staticmethod
+    def nbytes(capacity, frame_shape, action_dim):
+        per_slot = math.prod(frame_shape) + 4 * action_dim + 4 + 4 + 8 + 4
+        return capacity * per_slot
+
+    def add(self, frame, action, reward, discount, first):
+        """Store one time step: the frame it shows and the action, reward and env discount that led
+        to it (first=True at a reset)."""
+        pos = self.pos
+        self.episode_step = 0 if first else self.episode_step + 1
+        self.frames[pos] = torch.as_tensor(frame, device=self.device)
+        self.actions[pos] = torch.as_tensor(action, device=self.device)
+        self.rewards[pos] = reward
+        self.discounts[pos] = discount
+        self.episode_steps[pos] = self.episode_step
+        # starts whose n-step window or frame stack would read the overwritten slot are retired
+        self.valid[(pos + self.retire_offsets) % self.capacity] = 0.0
+        if self.episode_step >= self.nstep:
+            self.valid[(pos - self.nstep) % self.capacity] = 1.0
+        self.pos = (pos + 1) % self.capacity
+        self.size = min(self.size + 1, self.capacity)
+
+    def _stacked_frames(self, slots):
+        # before an episode's first frame the stack holds zeros (as the env fills it at reset) instead
+        # of frames of the previous episode
+        frames = self.frames[(slots[:, None] - self.stack_offsets[None, :]) % self.capacity]
+        before_start = self.stack_offsets[None, :] > self.episode_steps[slots][:, None]
+        return frames.masked_fill(before_start[:, :, None, None, None], 0).flatten(1, 2)
+
+    def gather(self, starts):
+        """The batch for the given start slots (obs slot k, n-step window k+1..k+n)."""
+        window = (starts[:, None] + self.window_offsets[None, :]) % self.capacity
+        step_discounts = torch.cumprod(self.gamma * self.discounts[window], dim=1)
+        reward_weights = torch.cat([torch.ones_like(step_discounts[:, :1]), step_discounts[:, :-1]], dim=1)
+        return Batch(
+            obs=self._stacked_frames(starts),
+            action=self.actions[window[:, 0]],
+            reward=(reward_weights * self.rewards[window]).sum(1, keepdim=True),
+            discount=step_discounts[:, -1:],
+            next_obs=self._stacked_frames(window[:, -1]),
+        )
+
+    def sample(self, batch_size, device):
+        starts = torch.multinomial(self.valid, batch_size, replacement=True)
+        return Batch(*(x.to(device, non_blocking=True) for x in self.gather(starts)))
+
+
+def available_host_memory():
+    try:
+        with open("/proc/meminfo") as meminfo:
+            fields = dict(line.split(":", 1) for line in meminfo)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def replay_device(nbytes, device, headroom=2 * 1024**3):
+    """Keep the replay on the GPU when it fits in free GPU memory (sampling is then pure device
+    indexing), else in host memory; stop before training if it fits in neither."""
+    if device.type == "cuda" and torch.cuda.mem_get_info(device)[0] > nbytes + headroom:
+        return device
+    if available_host_memory() > nbytes + headroom:
+        return torch.device("cpu")
+    sys.exit(
+        f"drm_metaworld.py: the replay buffer needs {nbytes / 1e9:.1f} GB, more than the free "
+        f"{'GPU or ' if device.type == 'cuda' else ''}host memory; lower --buffer-size"
+    )
+
+
+# ALGO LOGIC: networks
+def weight_init(module):
+    if isinstance(module, nn.Linear):
+        nn.init.orthogonal_(module.weight.data)
+        module.bias.data.fill_(0.0)
+    elif isinstance(module, nn.Conv2d):
+        nn.init.orthogonal_(module.weight.data, nn.init.calculate_gain("relu"))
+        module.bias.data.fill_(0.0)
+
+
+class Encoder(nn.Module):
+    def __init__(self, obs_shape):
+        super().__init__()
+        self.convnet = nn.Sequential(
+            nn.Conv2d(obs_shape[0], 32, 3, stride=2), nn.ReLU(),
+            nn.Conv2d(32, 32, 3, stride=1), nn.ReLU(),
+            nn.Conv2d(32, 32, 3, stride=1), nn.ReLU(),
+            nn.Conv2d(32, 32, 3, stride=1), nn.ReLU(),
+        )  # fmt: skip
+        self.repr_dim = 32 * 35 * 35  # 84 -> 41 -> 39 -> 37 -> 35
+        self.apply(weight_init)
+
+    def forward(self, obs):
+        return self.convnet(obs / 255.0 - 0.5).flatten(1)
+
+
+def trunk(repr_dim, feature_dim):
+    return nn.Sequential(nn.Linear(repr_dim, feature_dim), nn.LayerNorm(feature_dim), nn.Tanh())
+
+
+def critic_head(in_dim, hidden_dim, dropout):
+    # DrM's Meta-World critic (DroQ-style): dropout, then LayerNorm, after each hidden Linear. Dropout
+    # is active in every critic call, the target critic's included, as in the official code.
+    return nn.Sequential(
+        nn.Linear(in_dim, hidden_dim), nn.Dropout(dropout), nn.LayerNorm(hidden_dim), nn.ReLU(inplace=True),
+        nn.Linear(hidden_dim, hidden_dim), nn.Dropout(dropout), nn.LayerNorm(hidden_dim), nn.ReLU(inplace=True),
+        nn.Linear(hidden_dim, 1),
+    )  # fmt: skip
+
+
+def mlp(in_dim, hidden_dim, out_dim):
+    # In-place ReLUs as in the official code: they overwrite the hooked Linear outputs, which makes
+    # `dormant_ratio` score hidden units after the ReLU (README, implementation detail 2).
+    return nn.Sequential(
+        nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True),
+        nn.Linear(hidden_dim, hidden_dim), nn.ReLU(inplace=True),
+        nn.Linear(hidden_dim, out_dim),
+    )  # fmt: skip
+
+
+class Actor(nn.Module):
+    """Deterministic policy mean; exploration noise comes from outside (the std schedule)."""
+
+    def __init__(self, repr_dim, action_dim, feature_dim, hidden_dim):
+        super().__init__()
+        self.trunk = trunk(repr_dim, feature_dim)
+        self.policy = mlp(feature_dim, hidden_dim, action_dim)
+        self.apply(weight_init)
+
+    def forward(self, features):
+        return torch.tanh(self.policy(self.trunk(features)))
+
+
+class Critic(nn.Module):
+    """Twin Q heads, with dropout and LayerNorm, on one shared trunk."""
+
+    def __init__(self, repr_dim, action_dim, feature_dim, hidden_dim, dropout=0.01):
+        super().__init__()
+        self.trunk = trunk(repr_dim, feature_dim)
+        self.q1 = critic_head(feature_dim + action_dim, hidden_dim, dropout)
+        self.q2 = critic_head(feature_dim + action_dim, hidden_dim, dropout)
+        self.apply(weight_init)
+
+    def forward(self, features, action):
+        h = torch.cat([self.trunk(features), action], dim=-1)
+        return self.q1(h), self.q2(h)
+
+
+class ValueNetwork(nn.Module):
+    """State value V(s), regressed to an upper expectile of min(Q1, Q2) over replay actions."""
+
+    def __init__(self, repr_dim, feature_dim, hidden_dim):
+        super().__init__()
+        self.trunk = trunk(repr_dim, feature_dim)
+        self.v = mlp(feature_dim, hidden_dim, 1)
+        self.apply(weight_init)
+
+    def forward(self, features):
+        return self.v(self.trunk(features))
+
+
+# ALGO LOGIC: DrQ-v2 pieces
+def random_shift(images, pad=4, shifts=None):
+    """Replicate-pad by `pad` and crop back at a random integer offset in [0, 2 * pad] per sample and
+    axis: DrQ-v2's grid-sample shift, written as the exact crop it amounts to. `shifts` (B, 2) as
+    (x, y) fixes the offsets."""
+    n, _, h, w = images.shape
+    padded = F.pad(images, (pad, pad, pad, pad), mode="replicate")
+    if shifts is None:
+        shifts = torch.randint(0, 2 * pad + 1, (n, 2), device=images.device)
+    rows = (shifts[:, 1:] + torch.arange(h, device=images.device))[:, :, None]  # (B, h, 1)
+    cols = (shifts[:, :1] + torch.arange(w, device=images.device))[:, None, :]  # (B, 1, w)
+    batch = torch.arange(n, device=images.device)[:, None, None]
+    return padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)
+
+
+def sample_action(mean, std, clip=None):
+    """Truncated normal: mean + clipped Gaussian noise, clamped into (-1, 1) with a straight-through
+    gradient."""
+    noise = torch.randn_like(mean) * std
+    if clip is not None:
+        noise = noise.clamp(-clip, clip)
+    action = mean + noise
+    return action - action.detach() + action.detach().clamp(-1.0 + 1e-6, 1.0 - 1e-6)
+
+
+def linear_schedule(start, end, duration, step):
+    mix = min(max(step / duration, 0.0), 1.0) if not torch.is_tensor(step) else (step / duration).clamp(0.0, 1.0)
+    return start + (end - start) * mix
+
+
+def expectile_loss(diff, expectile):
+    """Asymmetric squared error of diff = V - Q: weight 1 - expectile above Q, expectile below."""
+    weight = torch.where(diff > 0, 1.0 - expectile, expectile)
+    return (weight * diff.pow(2)).mean()
+
+
+# ALGO LOGIC: DrM pieces
+def _sigmoid(x):
+    return torch.sigmoid(x) if torch.is_tensor(x) else 1.0 / (1.0 + math.exp(-x))
+
+
+def dormant_ratio(model, *inputs, threshold=0.025):
+    """Share of dormant neurons over every nn.Linear of `model` run on `inputs`: a neuron is dormant
+    when its mean |output| over the batch is below `threshold` times its layer's mean. Returns a 0-d
+    tensor, so calling it costs no host sync. The outputs are read after the forward pass, so a
+    Linear followed by an in-place ReLU is scored after that ReLU, as in the official code."""
+    outputs = []
+    hooks = [m.register_forward_hook(lambda _m, _in, out: outputs.append(out)) for m in model.modules() if isinstance(m, nn.Linear)]
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    dormant, total = 0, 0
+    for out in outputs:
+        score = out.abs().flatten(0, -2).mean(0)
+        dormant = dormant + (score < threshold * score.mean()).sum()
+        total += score.numel()
+    return dormant / total
+
+
+@torch.no_grad()
+def perturb(model, optimizer, factor):
+    """Shrink-and-perturb in place: every nn.Linear's weight and bias become factor * old +
+    (1 - factor) * fresh, fresh drawn from the init (orthogonal weights, zero biases); other
+    parameters (conv, LayerNorm) are untouched. The optimizer's state (Adam moments and step
+    counts) is wiped for all its parameters."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            fresh = nn.init.orthogonal_(torch.empty_like(module.weight))
+            module.weight.mul_(factor).add_((1.0 - factor) * fresh)
+            module.bias.mul_(factor)
+    optimizer.state.clear()
+
+
+def perturb_factor(dormant_ratio, min_factor=0.2, max_factor=1.0, rate=2.0):
+    """Share of the old weights kept: clip(1 - rate * dormant_ratio, min_factor, max_factor)."""
+    factor = 1.0 - rate * dormant_ratio
+    if torch.is_tensor(factor):
+        return factor.clamp(min=min_factor).clamp(max=max_factor)
+    return min(max(min_factor, factor), max_factor)
+
+
+def dormant_std(dormant_ratio, target_ratio=0.2, temperature=10.0):
+    """Exploration std from the dormant ratio: sigmoid(temperature * (ratio - target_ratio))."""
+    return _sigmoid(temperature * (dormant_ratio - target_ratio))
+
+
+def exploitation_lambda(dormant_ratio, target_lambda=0.6, target_ratio=0.2, temperature=50.0):
+    """Weight of V(s') in the TD target: target_lambda / (1 + exp(temperature * (ratio - target_ratio)))."""
+    return target_lambda * _sigmoid(-temperature * (dormant_ratio - target_ratio))
+
+
+@torch.no_grad()
+def evaluate(env, encoder, actor, num_episodes, device, video_path=None):
+    """Mean return and success rate over `num_episodes` with the mean action; the first episode is
+    saved to `video_path` (mp4) when given."""
+    returns, successes, video = [], [], []
+    for episode in range(num_episodes):
+        obs, last, episode_return = env.reset(), False, 0.0
+        while not last:
+            if video_path and episode == 0:
+                video.append(env.render(VIDEO_SIZE))
+            features = encoder(torch.as_tensor(obs, device=device).unsqueeze(0))
+            obs, reward, _, last = env.step(actor(features)[0].cpu().numpy())
+            episode_return += reward
+        returns.append(episode_return)
+        successes.append(env.success)
+    if video:
+        os.makedirs(os.path.dirname(video_path), exist_ok=True)
+        imageio.mimsave(video_path, video, fps=30)
+    if not returns:
+        return float("nan"), float("nan")
+    return float(np.mean(returns)), float(np.mean(successes))
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    args = resolve_args(args, list(import_metaworld()))
+    if args.track:
+        try:
+            import wandb
+        except ImportError:
+            sys.exit("drm_metaworld.py: --track needs Weights & Biases: pip install wandb")
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    print("resolved arguments:\n" + "\n".join(f"  {key}: {value}" for key, value in vars(args).items()))
+
+    # TRY NOT TO MODIFY: seeding and device
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    torch.backends.cudnn.benchmark = not args.torch_deterministic
+    if args.cuda and not torch.cuda.is_available():
+        print("--cuda: no CUDA device is available, running on the CPU")
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    # env setup: the eval env draws its goals from its own generator (seed + 1), so evaluation does not
+    # replay the training episodes' goals
+    env = make_env(args.env_id, args.seed, args.action_repeat, args.frame_stack, args.shadow_size)
+    eval_env = make_env(args.env_id, args.seed + 1, args.action_repeat, args.frame_stack, args.shadow_size)
+    obs_shape, action_dim = env.observation_shape, env.action_dim
+    frame_shape = (3, *obs_shape[1:])
+
+    nbytes = ReplayBuffer.nbytes(args.buffer_size, frame_shape, action_dim)
+    storage = replay_device(nbytes, device)
+    print(f"replay: {args.buffer_size:,} transitions, {nbytes / 1e9:.1f} GB on {storage.type}")
+    rb = ReplayBuffer(args.buffer_size, frame_shape, action_dim, args.frame_stack, args.nstep, args.gamma, storage)
+
+    if args.track:
+        wandb.init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            sync_tensorboard=True,
+            config=vars(args),
+            name=run_name,
+            save_code=True,
+        )
+    writer = SummaryWriter(f"runs/{run_name}")
+    table_rows = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
+    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table_rows}")
+
+    # ALGO LOGIC: initialize agent here
+    encoder = Encoder(obs_shape).to(device)
+    actor = Actor(encoder.repr_dim, action_dim, args.feature_dim, args.hidden_dim).to(device)
+    critic = Critic(encoder.repr_dim, action_dim, args.feature_dim, args.hidden_dim, args.critic_dropout).to(device)
+    critic_target = Critic(encoder.repr_dim, action_dim, args.feature_dim, args.hidden_dim, args.critic_dropout).to(device)
+    critic_target.load_state_dict(critic.state_dict())
+    value = ValueNetwork(encoder.repr_dim, args.feature_dim, args.hidden_dim).to(device)
+    encoder_optimizer = torch.optim.Adam(encoder.parameters(), lr=args.learning_rate)
+    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.learning_rate)
+    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.learning_rate)
+    value_optimizer = torch.optim.Adam(value.parameters(), lr=args.learning_rate)
+    # the target critic has no optimizer: its perturbation wipes the critic's state once more
+    perturbed = [
+        (actor, actor_optimizer),
+        (critic, critic_optimizer),
+        (critic_target, critic_optimizer),
+        (encoder, encoder_optimizer),
+        (value, value_optimizer),
+    ]
+
+    # DrM state lives on the device so the update never waits for the host
+    beta = torch.tensor(1.0, device=device)  # actor dormant ratio of the last update (1.0 before any)
+    awaken_step = torch.tensor(-1, device=device)  # agent step of awakening, -1 until then
+    awaken_logged = False
+
+    def exploration_std(step):
+        linear = linear_schedule(args.std_init, args.std_final, args.std_schedule_steps, step)
+        if args.exploration == "linear":
+            return linear
+        std = dormant_std(beta, args.target_dormant_ratio, args.dormant_temp)
+        if args.exploration == "awake":
+            since_awake = linear_schedule(args.std_init, args.std_final, args.std_schedule_steps, step - awaken_step)
+            std = torch.where(awaken_step >= 0, torch.maximum(std, since_awake), std)
+        return std
+
+    def exploit_lambda():
+        if not args.exploit:
+            return 0.0
+        if args.lambda_schedule == "constant":
+            return args.target_lambda
+        return exploitation_lambda(beta, args.target_lambda, args.target_dormant_ratio, args.lambda_temp)
+
+    total_steps = args.total_frames // args.action_repeat
+    num_seed_steps = args.num_seed_frames // args.action_repeat
+    eval_every_steps = max(args.eval_every_frames // args.action_repeat, 1)
+    num_updates, metrics = 0, {}
+    episode_return, episode_length, episode_count = 0.0, 0, 0
+    recent_successes = deque(maxlen=10)  # training episodes behind charts/success_rate
+    start_time = time.time()
+
+    # TRY NOT TO MODIFY: start the game
+    obs = env.reset()
+    rb.add(obs[-3:], np.zeros(action_dim, np.float32), 0.0, 1.0, first=True)
+    for step in range(total_steps):
+        global_step = step * args.action_repeat
+
+        if step % eval_every_steps == 0 and args.num_eval_episodes > 0:
+            video_path = f"videos/{run_name}/{global_step}.mp4" if args.capture_video else None
+            eval_return, eval_success = evaluate(eval_env, encoder, actor, args.num_eval_episodes, device, video_path)
+            print(
+                f"global_step={global_step}, eval/episodic_return={eval_return:.1f}, eval/success_rate={eval_success:.2f}",
+                flush=True,
+            )  # fmt: skip
+            writer.add_scalar("eval/episodic_return", eval_return, global_step)
+            writer.add_scalar("eval/success_rate", eval_success, global_step)
+
+        # ALGO LOGIC: put action logic here
+        if step < num_seed_steps:
+            action = np.random.uniform(-1.0, 1.0, action_dim).astype(np.float32)
+        else:
+            with torch.no_grad():
+                features = encoder(torch.as_tensor(obs, device=device).unsqueeze(0))
+                action = sample_action(actor(features), exploration_std(step))[0].cpu().numpy()
+
+        # ALGO LOGIC: training
+        if step >= num_seed_steps and step % args.update_every_steps == 0:
+            if args.perturb and step % args.perturb_interval_steps == 0:
+                factor = perturb_factor(beta, args.min_perturb_factor, args.max_perturb_factor, args.perturb_rate)
+                for network, optimizer in perturbed:
+                    perturb(network, optimizer, factor)
+                writer.add_scalar("charts/perturb_factor", factor.item(), global_step)
+
+            data = rb.sample(args.batch_size, device)
+            features = encoder(random_shift(data.obs.float()))
+            with torch.no_grad():
+                next_features = encoder(random_shift(data.next_obs.float()))
+
+            # the actor's dormant ratio on this batch drives exploration std and lambda
+            beta = dormant_ratio(actor, features.detach(), threshold=args.dormant_threshold)
+            # unlike drm.py, the first update may already awaken the agent (the official Meta-World agent)
+            awaken_step = torch.where((awaken_step < 0) & (beta < args.target_dormant_ratio), step, awaken_step)
+            std, lam = exploration_std(step), exploit_lambda()
+
+            # value network: expectile regression on the online critic's min(Q1, Q2) of replay actions
+            if args.exploit:
+                with torch.no_grad():
+                    q_replay = torch.min(*critic(features.detach(), data.action))
+                value_loss = expectile_loss(value(features.detach()) - q_replay, args.expectile)
+                value_optimizer.zero_grad(set_to_none=True)
+                value_loss.backward()
+                value_optimizer.step()
+                metrics["losses/value_loss"] = value_loss.detach()
+
+            # critic and encoder: n-step TD target blending the target critic and V(s') by lambda
+            with torch.no_grad():
+                next_action = sample_action(actor(next_features), std, args.std_clip)
+                next_value = torch.min(*critic_target(next_features, next_action))
+                if args.exploit:
+                    next_value = lam * value(next_features) + (1.0 - lam) * next_value
+                td_target = data.reward + data.discount * next_value
+            qf1_values, qf2_values = critic(features, data.action)
+            qf_loss = F.mse_loss(qf1_values, td_target) + F.mse_loss(qf2_values, td_target)
+            encoder_optimizer.zero_grad(set_to_none=True)
+            critic_optimizer.zero_grad(set_to_none=True)
+            qf_loss.backward()
+            critic_optimizer.step()
+            encoder_optimizer.step()
+
+            # actor: maximise min(Q1, Q2) of the just-updated critic
+            policy_action = sample_action(actor(features.detach()), std, args.std_clip)
+            actor_loss = -torch.min(*critic(features.detach(), policy_action)).mean()
+            actor_optimizer.zero_grad(set_to_none=True)
+            actor_loss.backward()
+            actor_optimizer.step()
+
+            with torch.no_grad():
+                for param, target_param in zip(critic.parameters(), critic_target.parameters(), strict=True):
+                    target_param.lerp_(param, args.tau)
+
+            num_updates += 1
+            metrics.update({
+                "losses/qf1_values": qf1_values.detach().mean(),
+                "losses/qf2_values": qf2_values.detach().mean(),
+                "losses/qf_loss": qf_loss.detach(),
+                "losses/actor_loss": actor_loss.detach(),
+                "charts/dormant_ratio": beta,
+                "charts/exploration_std": std,
+                "charts/lambda": lam,
+            })  # fmt: skip
+            if num_updates % args.log_every_updates == 0:
+                for tag, scalar in metrics.items():
+                    writer.add_scalar(tag, float(scalar), global_step)
+                if not awaken_logged and awaken_step.item() >= 0:
+                    writer.add_scalar("charts/awaken_step", awaken_step.item(), global_step)
+                    awaken_logged = True
+
+        # TRY NOT TO MODIFY: execute the game and log data
+        obs, reward, discount, last = env.step(action)
+        rb.add(obs[-3:], action, reward, discount, first=False)
+        episode_return += reward
+        episode_length += 1
+        if last:
+            episode_count += 1
+            recent_successes.append(env.success)
+            frames_done = (step + 1) * args.action_repeat
+            sps = int(frames_done / (time.time() - start_time))
+            print(
+                f"global_step={frames_done}, episode={episode_count}, episodic_return={episode_return:.1f}, "
+                f"success={env.success}, SPS={sps}", flush=True,
+            )  # fmt: skip
+            writer.add_scalar("charts/episodic_return", episode_return, frames_done)
+            writer.add_scalar("charts/episodic_length", episode_length * args.action_repeat, frames_done)
+            writer.add_scalar("charts/success_rate", np.mean(recent_successes), frames_done)
+            writer.add_scalar("charts/SPS", sps, frames_done)
+            obs, episode_return, episode_length = env.reset(), 0.0, 0
+            rb.add(obs[-3:], np.zeros(action_dim, np.float32), 0.0, 1.0, first=True)
+
+    if args.save_model:
+        model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
+        networks = dict(encoder=encoder, actor=actor, critic=critic, critic_target=critic_target, value=value)
+        torch.save({name: network.state_dict() for name, network in networks.items()} | {"args": vars(args)}, model_path)
+        print(f"model saved to {model_path}")
+
+    env.close()
+    eval_env.close()
+    writer.close()
