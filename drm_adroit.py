@@ -3,6 +3,7 @@ import difflib
 import math
 import os
 import random
+import signal
 import sys
 import time
 from collections import deque
@@ -111,6 +112,16 @@ class Args:
     log_every_updates: int = 100
     """write the scalars that need a device-to-host copy every this many updates"""
 
+    # Checkpoints
+    checkpoint_every_frames: int | None = None
+    """write `checkpoint.pt` into the run directory at the first episode end after every this many env frames"""
+    checkpoint_replay: bool = False
+    """if toggled, checkpoints include the replay buffer, so that a resumed run is exactly the uninterrupted one"""
+    resume: str | None = None
+    """continue the run whose run directory (or checkpoint file) this is, in that directory"""
+    skip_nonfinite_updates: bool = False
+    """if toggled, skip an update whose loss or Q value is NaN or infinite instead of stopping the run"""
+
 
 # The four tasks as DrM ran them (REFERENCE.md sections 8 and 10.2). They share one config, whose values
 # are the Args defaults above; relocate had no official config and uses the same.
@@ -201,6 +212,8 @@ def resolve_args(args: Args, valid_env_ids) -> Args:
         (args.perturb_interval_steps < 1, f"--perturb-interval-steps must be >= 1 (got {args.perturb_interval_steps})"),
         (args.std_schedule_steps <= 0, f"--std-schedule-steps must be positive (got {args.std_schedule_steps})"),
         (args.log_every_updates < 1, f"--log-every-updates must be >= 1 (got {args.log_every_updates})"),
+        (args.checkpoint_every_frames is not None and args.checkpoint_every_frames <= 0,
+         f"--checkpoint-every-frames must be positive (got {args.checkpoint_every_frames})"),
         (args.learning_rate <= 0, f"--learning-rate must be positive (got {args.learning_rate})"),
         (not 0 < args.gamma <= 1, f"--gamma must be in (0, 1] (got {args.gamma})"),
         (not 0 < args.tau <= 1, f"--tau must be in (0, 1] (got {args.tau})"),
@@ -271,6 +284,15 @@ class AdroitEnv:
         """DrM's episode success: more than 25 (pen: 20) env steps reported success."""
         return self.successful_frames > self.task.success_frames
 
+    def rng_state(self):
+        # the generator of every reset (door, hammer, ball and pen-goal positions), and whether the
+        # first reset (which seeds it) is still to come
+        return {"generator": self.env.np_random.bit_generator.state, "seed": self.seed}
+
+    def set_rng_state(self, state):
+        self.env.np_random.bit_generator.state = state["generator"]
+        self.seed = state["seed"]
+
     def _observation(self):
         return np.concatenate(self.frames, axis=0)
 
@@ -322,6 +344,8 @@ class ReplayBuffer:
     included, with a zero action). Frame stacks and n-step returns are rebuilt at sample time. A slot
     k is a valid sample start when slots k..k+n hold one episode, so windows never cross an episode
     end; `valid` tracks that as the ring is written, and sampling is uniform over valid starts."""
+
+    STORED = ("frames", "states", "actions", "rewards", "discounts", "episode_steps", "valid")
 
     def __init__(self, capacity, frame_shape, state_dim, action_dim, frame_stack, nstep, gamma, device):
         self.capacity, self.frame_stack, self.nstep, self.gamma = capacity, frame_stack, nstep, gamma
@@ -382,6 +406,20 @@ class ReplayBuffer:
             next_obs=self._stacked_frames(window[:, -1]),
             next_state=self.states[window[:, -1]],
         )
+
+    def state_dict(self):
+        """The written slots and the write position. Before the ring is full only its filled front is
+        kept, which copies it once."""
+        state = {"pos": self.pos, "size": self.size, "episode_step": self.episode_step}
+        for name in self.STORED:
+            tensor = getattr(self, name)
+            state[name] = tensor if self.size == self.capacity else tensor[: self.size].clone()
+        return state
+
+    def load_state_dict(self, state):
+        for name in self.STORED:
+            getattr(self, name)[: state["size"]] = state[name]
+        self.pos, self.size, self.episode_step = state["pos"], state["size"], state["episode_step"]
 
     def sample(self, batch_size, device):
         starts = torch.multinomial(self.valid, batch_size, replacement=True)
@@ -630,15 +668,105 @@ def evaluate(env, encoder, actor, num_episodes, device, video_path=None):
     return float(np.mean(returns)), float(np.mean(successes))
 
 
+# Checkpoints
+CHECKPOINT_NAME = "checkpoint.pt"
+CHECKPOINT_KEYS = {"args", "run_name", "next_step", "counters", "networks", "optimizers", "rng", "envs", "replay"}
+# arguments that change nothing the agent does, and so may differ from the checkpoint's on --resume
+RESUMABLE_CHANGES = {
+    "resume", "total_frames", "track", "wandb_project_name", "wandb_entity", "capture_video", "save_model",
+    "checkpoint_every_frames", "checkpoint_replay", "log_every_updates",
+}  # fmt: skip
+
+
+def save_checkpoint(state, path):
+    """Write atomically: into a temporary file, flushed to disk, then renamed over the previous
+    checkpoint, so a crash at any moment leaves a complete checkpoint behind."""
+    temporary = path + ".tmp"
+    with open(temporary, "wb") as file:
+        torch.save(state, file)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
+
+
+def load_checkpoint(path):
+    """(checkpoint, its path) for a run directory or a checkpoint file; stops with the reason if it
+    cannot be read. Checkpoints hold pickled RNG states: load only checkpoints you wrote."""
+    if os.path.isdir(path):
+        path = os.path.join(path, CHECKPOINT_NAME)
+    if not os.path.isfile(path):
+        sys.exit(f"drm_adroit.py: --resume: no checkpoint at {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:
+        reason = f"{type(error).__name__}: {str(error).split('. ')[0]}"
+        sys.exit(f"drm_adroit.py: --resume: {path} is truncated or corrupt ({reason}); resume from another copy or start a new run")
+    if not isinstance(checkpoint, dict) or not CHECKPOINT_KEYS <= set(checkpoint):
+        sys.exit(f"drm_adroit.py: --resume: {path} is not a drm_adroit.py checkpoint")
+    return checkpoint, path
+
+
+def conflicting_args(args, saved):
+    """The arguments that would make a resumed run a different run, with both values."""
+    return [
+        f"--{key.replace('_', '-')} {value} (checkpoint: {saved.get(key)})"
+        for key, value in vars(args).items()
+        if key not in RESUMABLE_CHANGES and saved.get(key) != value
+    ]
+
+
+def checkpoint_frame_after(frame, every):
+    """The next multiple of `every` after `frame` (None without periodic checkpoints)."""
+    return (frame // every + 1) * every if every else None
+
+
+def rng_states(device):
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def set_rng_states(states, device):
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if device.type == "cuda" and "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"], device)
+
+
+class NonFiniteUpdate(Exception):
+    """A loss or Q value of the current update is NaN or infinite."""
+
+
+def ensure_finite(**quantities):
+    """Raise NonFiniteUpdate naming the first quantity that is not finite (one device-to-host sync)."""
+    for name, value in quantities.items():
+        if not torch.isfinite(value).all():
+            raise NonFiniteUpdate(f"{name} is {value.detach().float().mean().item()}")
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    checkpoint = None
+    if args.resume:
+        checkpoint, checkpoint_path = load_checkpoint(args.resume)
+        # the checkpoint's arguments become the defaults; flags given now override them and are checked below
+        args = tyro.cli(Args, default=Args(**{**checkpoint["args"], "resume": args.resume}))
     args = resolve_args(args, list(ADROIT_TASKS))
+    if checkpoint is not None and (conflicts := conflicting_args(args, checkpoint["args"])):
+        sys.exit(f"drm_adroit.py: --resume continues the same run, but these arguments differ: {'; '.join(conflicts)}")
     if args.track:
         try:
             import wandb
         except ImportError:
             sys.exit("drm_adroit.py: --track needs Weights & Biases: pip install wandb")
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    if checkpoint is None:
+        run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        run_dir = f"runs/{run_name}"
+        checkpoint_path = os.path.join(run_dir, CHECKPOINT_NAME)
+    else:
+        run_name, run_dir = checkpoint["run_name"], os.path.dirname(checkpoint_path)
     print("resolved arguments:\n" + "\n".join(f"  {key}: {value}" for key, value in vars(args).items()))
 
     # TRY NOT TO MODIFY: seeding and device
@@ -671,9 +799,12 @@ if __name__ == "__main__":
             name=run_name,
             save_code=True,
         )
-    writer = SummaryWriter(f"runs/{run_name}")
-    table_rows = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
-    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table_rows}")
+    # a resumed run appends to its event files; purge_step hides what a killed run logged after the
+    # checkpoint's frame (what it logged at that very frame stays: its last episode's scalars)
+    writer = SummaryWriter(run_dir, purge_step=checkpoint["next_step"] * args.action_repeat + 1 if checkpoint else None)
+    if checkpoint is None:
+        table_rows = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
+        writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table_rows}")
 
     # ALGO LOGIC: initialize agent here
     encoder = Encoder(obs_shape).to(device)
@@ -686,6 +817,8 @@ if __name__ == "__main__":
     actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.learning_rate)
     critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.learning_rate)
     value_optimizer = torch.optim.Adam(value.parameters(), lr=args.learning_rate)
+    networks = dict(encoder=encoder, actor=actor, critic=critic, critic_target=critic_target, value=value)
+    optimizers = dict(encoder=encoder_optimizer, actor=actor_optimizer, critic=critic_optimizer, value=value_optimizer)
     # the target critic has no optimizer: its perturbation wipes the critic's state once more
     perturbed = [
         (actor, actor_optimizer),
@@ -718,15 +851,69 @@ if __name__ == "__main__":
     total_steps = args.total_frames // args.action_repeat
     num_seed_steps = args.num_seed_frames // args.action_repeat
     eval_every_steps = max(args.eval_every_frames // args.action_repeat, 1)
-    num_updates, metrics = 0, {}
+    start_step, num_updates, skipped_updates, metrics = 0, 0, 0, {}
     episode_return, episode_count = 0.0, 0
     recent_successes = deque(maxlen=10)  # training episodes behind charts/success_rate
     start_time = time.time()
 
+    def write_checkpoint(next_step):
+        """Everything the run needs to go on from agent step `next_step` at the start of a new episode."""
+        save_checkpoint({
+            "args": vars(args),
+            "run_name": run_name,
+            "next_step": next_step,
+            "counters": dict(episode_count=episode_count, num_updates=num_updates, skipped_updates=skipped_updates,
+                             recent_successes=list(recent_successes),
+                             awaken_logged=awaken_logged, elapsed=time.time() - start_time, beta=beta, awaken_step=awaken_step),
+            "networks": {name: network.state_dict() for name, network in networks.items()},
+            "optimizers": {name: optimizer.state_dict() for name, optimizer in optimizers.items()},
+            "rng": rng_states(device),
+            "envs": {"train": env.rng_state(), "eval": eval_env.rng_state()},
+            "replay": rb.state_dict() if args.checkpoint_replay else None,
+        }, checkpoint_path)  # fmt: skip
+        print(f"checkpoint: {checkpoint_path} at global_step={next_step * args.action_repeat}", flush=True)
+
+    # SIGINT and SIGTERM (pre-emption) stop the run at the end of the current episode, with a checkpoint
+    stop_signal = []
+
+    def request_stop(signum, _frame):
+        if stop_signal:  # a second signal stops at once; the last complete checkpoint stays
+            sys.exit(128 + signum)
+        stop_signal.append(signum)
+        print(f"{signal.Signals(signum).name}: stopping with a checkpoint at the end of this episode", flush=True)
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+
+    first_update_step = num_seed_steps
+    if checkpoint is not None:
+        for name, network in networks.items():
+            network.load_state_dict(checkpoint["networks"][name])
+        for name, optimizer in optimizers.items():
+            optimizer.load_state_dict(checkpoint["optimizers"][name])
+        counters = checkpoint["counters"]
+        episode_count, num_updates = counters["episode_count"], counters["num_updates"]
+        skipped_updates, awaken_logged = counters["skipped_updates"], counters["awaken_logged"]
+        start_time = time.time() - counters["elapsed"]
+        recent_successes.extend(counters["recent_successes"])
+        beta, awaken_step = counters["beta"].to(device), counters["awaken_step"].to(device)
+        start_step = checkpoint["next_step"]
+        set_rng_states(checkpoint["rng"], device)
+        env.set_rng_state(checkpoint["envs"]["train"])
+        eval_env.set_rng_state(checkpoint["envs"]["eval"])
+        if checkpoint["replay"] is not None:
+            rb.load_state_dict(checkpoint["replay"])
+        else:  # the buffer starts empty: updates wait for its first complete n-step window
+            first_update_step = max(num_seed_steps, start_step + args.nstep)
+        print(f"resumed {run_dir} at global_step={start_step * args.action_repeat}"
+              f" ({'with' if checkpoint['replay'] is not None else 'WITHOUT'} the replay buffer)", flush=True)  # fmt: skip
+        del checkpoint  # its replay copy would double the buffer's memory
+    next_checkpoint_frame = checkpoint_frame_after(start_step * args.action_repeat, args.checkpoint_every_frames)
+
     # TRY NOT TO MODIFY: start the game
     obs, state = env.reset()
     rb.add(obs[-3:], state, np.zeros(action_dim, np.float32), 0.0, 1.0, first=True)
-    for step in range(total_steps):
+    for step in range(start_step, total_steps):
         global_step = step * args.action_repeat
 
         if step % eval_every_steps == 0 and args.num_eval_episodes > 0:
@@ -749,76 +936,88 @@ if __name__ == "__main__":
                 action = sample_action(mean, exploration_std(step))[0].cpu().numpy()
 
         # ALGO LOGIC: training
-        if step >= num_seed_steps and step % args.update_every_steps == 0:
-            if args.perturb and step % args.perturb_interval_steps == 0:
-                factor = perturb_factor(beta, args.min_perturb_factor, args.max_perturb_factor, args.perturb_rate)
-                for network, optimizer in perturbed:
-                    perturb(network, optimizer, factor)
-                writer.add_scalar("charts/perturb_factor", factor.item(), global_step)
+        if step >= first_update_step and step % args.update_every_steps == 0:
+            try:
+                if args.perturb and step % args.perturb_interval_steps == 0:
+                    factor = perturb_factor(beta, args.min_perturb_factor, args.max_perturb_factor, args.perturb_rate)
+                    for network, optimizer in perturbed:
+                        perturb(network, optimizer, factor)
+                    writer.add_scalar("charts/perturb_factor", factor.item(), global_step)
 
-            data = rb.sample(args.batch_size, device)
-            features = encoder(random_shift(data.obs.float()))
-            with torch.no_grad():
-                next_features = encoder(random_shift(data.next_obs.float()))
-
-            # the actor's dormant ratio on this batch drives exploration std and lambda
-            beta = dormant_ratio(actor, features.detach(), data.state, threshold=args.dormant_threshold)
-            if step > num_seed_steps:
-                awaken_step = torch.where((awaken_step < 0) & (beta < args.target_dormant_ratio), step, awaken_step)
-            std, lam = exploration_std(step), exploit_lambda()
-
-            # value network: expectile regression on the online critic's min(Q1, Q2) of replay actions
-            if args.exploit:
+                data = rb.sample(args.batch_size, device)
+                features = encoder(random_shift(data.obs.float()))
                 with torch.no_grad():
-                    q_replay = torch.min(*critic(features.detach(), data.state, data.action))
-                value_loss = expectile_loss(value(features.detach(), data.state) - q_replay, args.expectile)
-                value_optimizer.zero_grad(set_to_none=True)
-                value_loss.backward()
-                value_optimizer.step()
-                metrics["losses/value_loss"] = value_loss.detach()
+                    next_features = encoder(random_shift(data.next_obs.float()))
 
-            # critic and encoder: n-step TD target blending the target critic and V(s') by lambda
-            with torch.no_grad():
-                next_action = sample_action(actor(next_features, data.next_state), std, args.std_clip)
-                next_value = torch.min(*critic_target(next_features, data.next_state, next_action))
+                # the actor's dormant ratio on this batch drives exploration std and lambda
+                beta = dormant_ratio(actor, features.detach(), data.state, threshold=args.dormant_threshold)
+                if step > num_seed_steps:
+                    awaken_step = torch.where((awaken_step < 0) & (beta < args.target_dormant_ratio), step, awaken_step)
+                std, lam = exploration_std(step), exploit_lambda()
+
+                # value network: expectile regression on the online critic's min(Q1, Q2) of replay actions
                 if args.exploit:
-                    next_value = lam * value(next_features, data.next_state) + (1.0 - lam) * next_value
-                td_target = data.reward + data.discount * next_value
-            qf1_values, qf2_values = critic(features, data.state, data.action)
-            qf_loss = F.mse_loss(qf1_values, td_target) + F.mse_loss(qf2_values, td_target)
-            encoder_optimizer.zero_grad(set_to_none=True)
-            critic_optimizer.zero_grad(set_to_none=True)
-            qf_loss.backward()
-            critic_optimizer.step()
-            encoder_optimizer.step()
+                    with torch.no_grad():
+                        q_replay = torch.min(*critic(features.detach(), data.state, data.action))
+                    value_loss = expectile_loss(value(features.detach(), data.state) - q_replay, args.expectile)
+                    ensure_finite(value_loss=value_loss)
+                    value_optimizer.zero_grad(set_to_none=True)
+                    value_loss.backward()
+                    value_optimizer.step()
+                    metrics["losses/value_loss"] = value_loss.detach()
 
-            # actor: maximise min(Q1, Q2) of the just-updated critic
-            policy_action = sample_action(actor(features.detach(), data.state), std, args.std_clip)
-            actor_loss = -torch.min(*critic(features.detach(), data.state, policy_action)).mean()
-            actor_optimizer.zero_grad(set_to_none=True)
-            actor_loss.backward()
-            actor_optimizer.step()
+                # critic and encoder: n-step TD target blending the target critic and V(s') by lambda
+                with torch.no_grad():
+                    next_action = sample_action(actor(next_features, data.next_state), std, args.std_clip)
+                    next_value = torch.min(*critic_target(next_features, data.next_state, next_action))
+                    if args.exploit:
+                        next_value = lam * value(next_features, data.next_state) + (1.0 - lam) * next_value
+                    td_target = data.reward + data.discount * next_value
+                qf1_values, qf2_values = critic(features, data.state, data.action)
+                qf_loss = F.mse_loss(qf1_values, td_target) + F.mse_loss(qf2_values, td_target)
+                ensure_finite(qf_loss=qf_loss, qf1_values=qf1_values, qf2_values=qf2_values)
+                encoder_optimizer.zero_grad(set_to_none=True)
+                critic_optimizer.zero_grad(set_to_none=True)
+                qf_loss.backward()
+                critic_optimizer.step()
+                encoder_optimizer.step()
 
-            with torch.no_grad():
-                for param, target_param in zip(critic.parameters(), critic_target.parameters(), strict=True):
-                    target_param.lerp_(param, args.tau)
+                # actor: maximise min(Q1, Q2) of the just-updated critic
+                policy_action = sample_action(actor(features.detach(), data.state), std, args.std_clip)
+                actor_loss = -torch.min(*critic(features.detach(), data.state, policy_action)).mean()
+                ensure_finite(actor_loss=actor_loss)
+                actor_optimizer.zero_grad(set_to_none=True)
+                actor_loss.backward()
+                actor_optimizer.step()
 
-            num_updates += 1
-            metrics.update({
-                "losses/qf1_values": qf1_values.detach().mean(),
-                "losses/qf2_values": qf2_values.detach().mean(),
-                "losses/qf_loss": qf_loss.detach(),
-                "losses/actor_loss": actor_loss.detach(),
-                "charts/dormant_ratio": beta,
-                "charts/exploration_std": std,
-                "charts/lambda": lam,
-            })  # fmt: skip
-            if num_updates % args.log_every_updates == 0:
-                for tag, scalar in metrics.items():
-                    writer.add_scalar(tag, float(scalar), global_step)
-                if not awaken_logged and awaken_step.item() >= 0:
-                    writer.add_scalar("charts/awaken_step", awaken_step.item(), global_step)
-                    awaken_logged = True
+                with torch.no_grad():
+                    for param, target_param in zip(critic.parameters(), critic_target.parameters(), strict=True):
+                        target_param.lerp_(param, args.tau)
+
+                num_updates += 1
+                metrics.update({
+                    "losses/qf1_values": qf1_values.detach().mean(),
+                    "losses/qf2_values": qf2_values.detach().mean(),
+                    "losses/qf_loss": qf_loss.detach(),
+                    "losses/actor_loss": actor_loss.detach(),
+                    "charts/dormant_ratio": beta,
+                    "charts/exploration_std": std,
+                    "charts/lambda": lam,
+                })  # fmt: skip
+                if num_updates % args.log_every_updates == 0:
+                    for tag, scalar in metrics.items():
+                        writer.add_scalar(tag, float(scalar), global_step)
+                    if not awaken_logged and awaken_step.item() >= 0:
+                        writer.add_scalar("charts/awaken_step", awaken_step.item(), global_step)
+                        awaken_logged = True
+            except NonFiniteUpdate as error:
+                if not args.skip_nonfinite_updates:
+                    write_checkpoint(step + 1)
+                    sys.exit(f"drm_adroit.py: {error} at global_step={global_step}; {checkpoint_path} holds the last finite state")
+                skipped_updates += 1
+                for optimizer in optimizers.values():
+                    optimizer.zero_grad(set_to_none=True)
+                writer.add_scalar("charts/skipped_updates", skipped_updates, global_step)
 
         # TRY NOT TO MODIFY: execute the game and log data
         obs, state, reward, discount, last = env.step(action)
@@ -837,11 +1036,19 @@ if __name__ == "__main__":
             writer.add_scalar("charts/episodic_length", env.episode_frames, frames_done)  # fewer if the pen dropped
             writer.add_scalar("charts/success_rate", np.mean(recent_successes), frames_done)
             writer.add_scalar("charts/SPS", sps, frames_done)
+            # checkpoints sit between episodes: a resumed run starts the next episode as this run would
+            if stop_signal or (next_checkpoint_frame is not None and frames_done >= next_checkpoint_frame):
+                write_checkpoint(step + 1)
+                next_checkpoint_frame = checkpoint_frame_after(frames_done, args.checkpoint_every_frames)
+                if stop_signal:
+                    writer.close()
+                    print(f"stopped; continue with: python drm_adroit.py --resume {run_dir}", flush=True)
+                    sys.exit(128 + stop_signal[0])
             (obs, state), episode_return = env.reset(), 0.0
             rb.add(obs[-3:], state, np.zeros(action_dim, np.float32), 0.0, 1.0, first=True)
 
     if args.save_model:
-        model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
+        model_path = f"{run_dir}/{args.exp_name}.cleanrl_model"
         networks = dict(encoder=encoder, actor=actor, critic=critic, critic_target=critic_target, value=value)
         torch.save({name: network.state_dict() for name, network in networks.items()} | {"args": vars(args)}, model_path)
         print(f"model saved to {model_path}")

@@ -1,0 +1,180 @@
+"""Checkpoints and resumption of all three scripts, run as subprocesses with tiny settings on the CPU."""
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from test_drm_smoke import scalars
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMMON = ["--batch-size", "8", "--buffer-size", "2000", "--log-every-updates", "5", "--num-eval-episodes", "1", "--no-cuda"]
+# per script: its task flags, episode length in env frames (checkpoints fall on episode ends)
+SETUPS = {
+    "drm.py": (["--env-id", "cartpole-balance", "--action-repeat", "8", "--num-seed-frames", "400"], 1000),
+    "drm_adroit.py": (["--env-id", "hammer", "--action-repeat", "4", "--num-seed-frames", "100"], 200),
+    "drm_metaworld.py": (["--env-id", "reach", "--action-repeat", "10", "--num-seed-frames", "400"], 500),
+}
+
+
+def run(tmp_path, script, *flags, prefix=(), wait=True):
+    command = [sys.executable, *prefix, os.path.join(ROOT, script), *flags]
+    if not wait:
+        return subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+
+
+def only_run_dir(path, pattern="*"):
+    (run_dir,) = glob.glob(str(path / "runs" / pattern))
+    return run_dir
+
+
+@pytest.mark.parametrize("script", list(SETUPS))
+def test_resumed_run_ends_bit_identical_to_the_uninterrupted_one(tmp_path, script):
+    flags, episode = SETUPS[script]
+    flags = [*flags, *COMMON, "--eval-every-frames", str(episode), "--checkpoint-every-frames", str(episode),
+             "--checkpoint-replay", "--save-model"]  # fmt: skip
+    (tmp_path / "full").mkdir(), (tmp_path / "cut").mkdir()
+    full = run(tmp_path / "full", script, *flags, "--total-frames", str(2 * episode), "--exp-name", "x")
+    assert full.returncode == 0, full.stderr[-3000:]
+    # the interrupted run stops after its first episode, at its checkpoint; the resumed one does the second
+    cut = run(tmp_path / "cut", script, *flags, "--total-frames", str(episode), "--exp-name", "x")
+    assert cut.returncode == 0, cut.stderr[-3000:]
+    cut_dir = only_run_dir(tmp_path / "cut")
+    resumed = run(tmp_path / "cut", script, "--resume", cut_dir, "--total-frames", str(2 * episode))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed {cut_dir} at global_step={episode} (with the replay buffer)" in resumed.stdout
+    assert "global_step=0," not in resumed.stdout  # no evaluation or seeding repeated
+
+    full_model = torch.load(glob.glob(str(tmp_path / "full/runs/*/x.cleanrl_model"))[0], weights_only=False)
+    resumed_model = torch.load(os.path.join(cut_dir, "x.cleanrl_model"), weights_only=False)
+    for network in ["encoder", "actor", "critic", "critic_target", "value"]:
+        for name, tensor in full_model[network].items():
+            assert torch.equal(tensor, resumed_model[network][name]), f"{network}.{name}"
+    # TensorBoard goes on at the same steps, with the same values
+    full_logged, resumed_logged = scalars(only_run_dir(tmp_path / "full")), scalars(cut_dir)
+    for tag in ["charts/episodic_return", "eval/episodic_return", "losses/qf_loss"]:
+        assert resumed_logged[tag] == full_logged[tag], tag
+
+
+def test_sigterm_checkpoints_at_the_episode_end_and_resume_continues(tmp_path):
+    flags, episode = SETUPS["drm.py"]
+    process = run(tmp_path, "drm.py", *flags, *COMMON, "--total-frames", "100000", wait=False)
+    for line in process.stdout:  # wait for the first episode, then ask the run to stop
+        if line.startswith("global_step=1000, episode=1"):
+            process.send_signal(signal.SIGTERM)
+            break
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "SIGTERM: stopping with a checkpoint at the end of this episode" in out
+    assert "checkpoint: " in out and "stopped; continue with: python drm.py --resume runs/" in out
+    run_dir = only_run_dir(tmp_path)
+    stopped_at = int(out.split("checkpoint: ")[1].split("global_step=")[1].split()[0])
+    assert stopped_at in (episode, 2 * episode)  # the episode that just ended, or the one under way
+
+    resumed = run(tmp_path, "drm.py", "--resume", run_dir, "--total-frames", str(stopped_at + episode))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed {run_dir} at global_step={stopped_at} (WITHOUT the replay buffer)" in resumed.stdout
+    episodes = [step for step, _ in scalars(run_dir)["charts/episodic_return"]]
+    assert episodes == list(range(episode, stopped_at + episode + 1, episode))  # one per episode, none repeated
+
+
+def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one(tmp_path):
+    flags, episode = SETUPS["drm.py"]
+    # torch.save of the second checkpoint writes a few bytes, then the process is SIGKILLed
+    kill_mid_write = (
+        "import os, signal, runpy, sys, torch; save, calls = torch.save, []\n"
+        "def dying_save(obj, file):\n"
+        "    calls.append(1)\n"
+        "    if len(calls) == 2:\n"
+        "        file.write(b'PK\\x03\\x04 half a checkpoint'); file.flush(); os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    save(obj, file)\n"
+        "torch.save = dying_save; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+    )
+    killed = run(tmp_path, "drm.py", *flags, *COMMON, "--total-frames", "100000", "--checkpoint-every-frames",
+                 str(episode), "--checkpoint-replay", prefix=("-c", kill_mid_write))  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL
+    run_dir = only_run_dir(tmp_path)
+    assert os.path.exists(os.path.join(run_dir, "checkpoint.pt.tmp"))  # the write that was cut short
+    resumed = run(tmp_path, "drm.py", "--resume", run_dir, "--total-frames", str(2 * episode))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed {run_dir} at global_step={episode} (with the replay buffer)" in resumed.stdout
+
+
+def test_unusable_checkpoints_and_conflicting_arguments_stop_with_a_reason(tmp_path):
+    flags, episode = SETUPS["drm.py"]
+    result = run(tmp_path, "drm.py", *flags, *COMMON, "--total-frames", str(episode), "--checkpoint-every-frames", str(episode))
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = only_run_dir(tmp_path)
+    checkpoint = os.path.join(run_dir, "checkpoint.pt")
+
+    result = run(tmp_path, "drm.py", "--resume", run_dir, "--batch-size", "16", "--total-frames", str(2 * episode))
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "--resume continues the same run, but these arguments differ: --batch-size 16 (checkpoint: 8)" in result.stderr
+
+    with open(checkpoint, "rb") as file:
+        head = file.read(2000)
+    with open(checkpoint, "wb") as file:  # truncated, as by a full disk
+        file.write(head)
+    result = run(tmp_path, "drm.py", "--resume", run_dir)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert f"drm.py: --resume: {checkpoint} is truncated or corrupt" in result.stderr
+
+    result = run(tmp_path, "drm.py", "--resume", str(tmp_path / "nowhere"))
+    assert result.returncode != 0 and "no checkpoint at" in result.stderr
+
+
+# mse_loss turns NaN from its 21st call on (the 11th update: two calls per critic loss)
+NAN_AFTER_TEN_UPDATES = (
+    "import runpy, sys, torch, torch.nn.functional as F; mse, calls = F.mse_loss, []\n"
+    "def failing_mse(*args, **kwargs):\n"
+    "    calls.append(1)\n"
+    "    return mse(*args, **kwargs) * (float('nan') if len(calls) > 20 else 1.0)\n"
+    "F.mse_loss = failing_mse; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+)
+
+
+def test_a_nonfinite_loss_stops_the_run_with_a_checkpoint_of_the_last_finite_state(tmp_path):
+    flags, episode = SETUPS["drm.py"]
+    result = run(tmp_path, "drm.py", *flags, *COMMON, "--total-frames", str(2 * episode), prefix=("-c", NAN_AFTER_TEN_UPDATES))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    # updates run every 2 agent steps from step 50 (400 seed frames / 8): the 11th is at step 70
+    assert "drm.py: qf_loss is nan at global_step=560" in result.stderr
+    checkpoint = torch.load(os.path.join(only_run_dir(tmp_path), "checkpoint.pt"), weights_only=False)
+    assert checkpoint["counters"]["num_updates"] == 10
+    assert all(torch.isfinite(t).all() for net in checkpoint["networks"].values() for t in net.values())
+
+    skipping = run(tmp_path, "drm.py", *flags, *COMMON, "--total-frames", str(episode), "--skip-nonfinite-updates",
+                   "--exp-name", "skip", prefix=("-c", NAN_AFTER_TEN_UPDATES))  # fmt: skip
+    assert skipping.returncode == 0, skipping.stderr[-3000:]
+    skipped = scalars(only_run_dir(tmp_path, "*skip*"))["charts/skipped_updates"]
+    assert skipped[-1] == (992, 28.0)  # updates at steps 70, 72, ..., 124 were all skipped
+
+
+def test_resident_memory_stays_flat_once_the_buffer_is_full(tmp_path):
+    flags, episode = SETUPS["drm.py"]
+    # a 500-slot buffer is full after 4 episodes of 126 slots; then 10 more episodes and 3 evaluations
+    process = run(tmp_path, "drm.py", *flags, *COMMON, "--buffer-size", "500", "--update-every-steps", "16",
+                  "--total-frames", str(14 * episode), "--eval-every-frames", str(4 * episode), wait=False)  # fmt: skip
+    resident = {}
+    for line in process.stdout:
+        if ", episode=" in line:
+            with open(f"/proc/{process.pid}/status") as status:
+                rss_kb = next(int(field.split()[1]) for field in status if field.startswith("VmRSS:"))
+            resident[int(line.split(", episode=")[1].split(",")[0])] = rss_kb
+    assert process.wait(timeout=60) == 0, process.stderr.read()[-3000:]
+    # the allocator makes single readings wander by several MB: compare the peaks of two windows
+    growth_mb = (max(resident[e] for e in range(11, 15)) - max(resident[e] for e in range(5, 9))) / 1024
+    assert growth_mb < 4, f"resident memory grew by {growth_mb:.1f} MB from episodes 5-8 to 11-14: {resident}"
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("wandb") is not None, reason="wandb is installed here")
+def test_track_without_wandb_prints_the_install_line(tmp_path):
+    result = run(tmp_path, "drm.py", "--env-id", "cartpole-balance", "--track")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "drm.py: --track needs Weights & Biases: pip install wandb" in result.stderr
+    assert not (tmp_path / "runs").exists()
