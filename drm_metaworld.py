@@ -614,7 +614,7 @@ CHECKPOINT_KEYS = {"args", "run_name", "next_step", "counters", "networks", "opt
 # arguments that change nothing the agent does, and so may differ from the checkpoint's on --resume
 RESUMABLE_CHANGES = {
     "resume", "total_frames", "track", "wandb_project_name", "wandb_entity", "capture_video", "save_model",
-    "checkpoint_every_frames", "checkpoint_replay", "log_every_updates",
+    "checkpoint_every_frames", "checkpoint_replay",
 }  # fmt: skip
 
 
@@ -796,6 +796,7 @@ if __name__ == "__main__":
     eval_every_steps = max(args.eval_every_frames // args.action_repeat, 1)
     start_step, num_updates, skipped_updates, metrics = 0, 0, 0, {}
     episode_return, episode_length, episode_count = 0.0, 0, 0
+    episode_actions = []  # behind charts/action_magnitude and charts/action_change
     recent_successes = deque(maxlen=10)  # training episodes behind charts/success_rate
     start_time = time.time()
 
@@ -947,6 +948,14 @@ if __name__ == "__main__":
                     "charts/lambda": lam,
                 })  # fmt: skip
                 if num_updates % args.log_every_updates == 0:
+                    # diagnostics beside the actor's ratio, only at log time, so they cost nothing measurable
+                    metrics["charts/dormant_ratio_critic"] = dormant_ratio(
+                        critic, features.detach(), data.action, threshold=args.dormant_threshold
+                    )
+                    if args.exploit:
+                        metrics["charts/dormant_ratio_value"] = dormant_ratio(
+                            value, features.detach(), threshold=args.dormant_threshold
+                        )
                     for tag, scalar in metrics.items():
                         writer.add_scalar(tag, float(scalar), global_step)
                     if not awaken_logged and awaken_step.item() >= 0:
@@ -965,6 +974,7 @@ if __name__ == "__main__":
         obs, reward, discount, last = env.step(action)
         rb.add(obs[-3:], action, reward, discount, first=False)
         episode_return += reward
+        episode_actions.append(action)
         episode_length += 1
         if last:
             episode_count += 1
@@ -976,6 +986,11 @@ if __name__ == "__main__":
                 f"success={env.success}, SPS={sps}", flush=True,
             )  # fmt: skip
             writer.add_scalar("charts/episodic_return", episode_return, frames_done)
+            # motor activity, to set beside the dormant ratio: mean |a| and mean |a_t - a_(t-1)|
+            actions = np.stack(episode_actions)
+            writer.add_scalar("charts/action_magnitude", np.abs(actions).mean(), frames_done)
+            writer.add_scalar("charts/action_change", np.abs(np.diff(actions, axis=0)).mean(), frames_done)
+            episode_actions.clear()
             writer.add_scalar("charts/episodic_length", episode_length * args.action_repeat, frames_done)
             writer.add_scalar("charts/success_rate", np.mean(recent_successes), frames_done)
             writer.add_scalar("charts/SPS", sps, frames_done)
