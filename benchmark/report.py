@@ -185,9 +185,10 @@ if __name__ == "__main__":
         figure, axis = plt.subplots(figsize=(6, 4))
         for variant in variants:
             pairs = dormant_vs_activity(runs[env_id, variant])
-            lines.append(f"| {variant} | {len(pairs)} | {pearson(pairs):.3f} |")
+            correlation = pearson(pairs)
+            lines.append(f"| {variant} | {len(pairs)} | {correlation:.3f} |")
             if len(pairs):
-                axis.scatter(pairs[:, 0], pairs[:, 1], s=8, label=f"{variant} (r = {pearson(pairs):.2f})")
+                axis.scatter(pairs[:, 0], pairs[:, 1], s=8, label=f"{variant} (r = {correlation:.2f})")
         axis.set(xlabel="actor dormant ratio", ylabel="mean |a_t - a_(t-1)|", title=env_id)
         axis.legend()
         figure.savefig(os.path.join(args.output, f"{env_id}_dormant_vs_activity.png"), dpi=120, bbox_inches="tight")

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from test_drm_smoke import scalars
+from test_drm_smoke import run_script, scalars
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMON = ["--batch-size", "8", "--buffer-size", "2000", "--log-every-updates", "5", "--num-eval-episodes", "1", "--no-cuda"]
@@ -20,11 +20,10 @@ SETUPS = {
 }
 
 
-def run(tmp_path, script, *flags, prefix=(), wait=True, env=None):
-    command = [sys.executable, *prefix, os.path.join(ROOT, script), *flags]
-    if not wait:
-        return subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+def start(tmp_path, script, *flags, env=None):
+    """Like run_script, but returns the running process, for tests that watch or signal it."""
+    command = [sys.executable, os.path.join(ROOT, script), *flags]
+    return subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
 def only_run_dir(path, pattern="*"):
@@ -38,13 +37,13 @@ def test_resumed_run_ends_bit_identical_to_the_uninterrupted_one(tmp_path, scrip
     flags = [*flags, *COMMON, "--eval-every-frames", str(episode), "--checkpoint-every-frames", str(episode),
              "--checkpoint-replay", "--save-model"]  # fmt: skip
     (tmp_path / "full").mkdir(), (tmp_path / "cut").mkdir()
-    full = run(tmp_path / "full", script, *flags, "--total-frames", str(2 * episode), "--exp-name", "x")
+    full = run_script(script, *flags, "--total-frames", str(2 * episode), "--exp-name", "x", cwd=tmp_path / "full")
     assert full.returncode == 0, full.stderr[-3000:]
     # the interrupted run stops after its first episode, at its checkpoint; the resumed one does the second
-    cut = run(tmp_path / "cut", script, *flags, "--total-frames", str(episode), "--exp-name", "x")
+    cut = run_script(script, *flags, "--total-frames", str(episode), "--exp-name", "x", cwd=tmp_path / "cut")
     assert cut.returncode == 0, cut.stderr[-3000:]
     cut_dir = only_run_dir(tmp_path / "cut")
-    resumed = run(tmp_path / "cut", script, "--resume", cut_dir, "--total-frames", str(2 * episode))
+    resumed = run_script(script, "--resume", cut_dir, "--total-frames", str(2 * episode), cwd=tmp_path / "cut")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed {cut_dir} at global_step={episode} (with the replay buffer)" in resumed.stdout
     assert "global_step=0," not in resumed.stdout  # no evaluation or seeding repeated
@@ -62,7 +61,7 @@ def test_resumed_run_ends_bit_identical_to_the_uninterrupted_one(tmp_path, scrip
 
 def test_sigterm_checkpoints_at_the_episode_end_and_resume_continues(tmp_path):
     flags, episode = SETUPS["drm.py"]
-    process = run(tmp_path, "drm.py", *flags, *COMMON, "--total-frames", "100000", wait=False)
+    process = start(tmp_path, "drm.py", *flags, *COMMON, "--total-frames", "100000")
     for line in process.stdout:  # wait for the first episode, then ask the run to stop
         if line.startswith("global_step=1000, episode=1"):
             process.send_signal(signal.SIGTERM)
@@ -75,7 +74,7 @@ def test_sigterm_checkpoints_at_the_episode_end_and_resume_continues(tmp_path):
     stopped_at = int(out.split("checkpoint: ")[1].split("global_step=")[1].split()[0])
     assert stopped_at in (episode, 2 * episode)  # the episode that just ended, or the one under way
 
-    resumed = run(tmp_path, "drm.py", "--resume", run_dir, "--total-frames", str(stopped_at + episode))
+    resumed = run_script("drm.py", "--resume", run_dir, "--total-frames", str(stopped_at + episode), cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed {run_dir} at global_step={stopped_at} (WITHOUT the replay buffer)" in resumed.stdout
     episodes = [step for step, _ in scalars(run_dir)["charts/episodic_return"]]
@@ -94,24 +93,24 @@ def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one(tmp_path):
         "    save(obj, file)\n"
         "torch.save = dying_save; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
     )
-    killed = run(tmp_path, "drm.py", *flags, *COMMON, "--total-frames", "100000", "--checkpoint-every-frames",
-                 str(episode), "--checkpoint-replay", prefix=("-c", kill_mid_write))  # fmt: skip
+    killed = run_script("drm.py", *flags, *COMMON, "--total-frames", "100000", "--checkpoint-every-frames",
+                        str(episode), "--checkpoint-replay", prefix=("-c", kill_mid_write), cwd=tmp_path)  # fmt: skip
     assert killed.returncode == -signal.SIGKILL
     run_dir = only_run_dir(tmp_path)
     assert os.path.exists(os.path.join(run_dir, "checkpoint.pt.tmp"))  # the write that was cut short
-    resumed = run(tmp_path, "drm.py", "--resume", run_dir, "--total-frames", str(2 * episode))
+    resumed = run_script("drm.py", "--resume", run_dir, "--total-frames", str(2 * episode), cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed {run_dir} at global_step={episode} (with the replay buffer)" in resumed.stdout
 
 
 def test_unusable_checkpoints_and_conflicting_arguments_stop_with_a_reason(tmp_path):
     flags, episode = SETUPS["drm.py"]
-    result = run(tmp_path, "drm.py", *flags, *COMMON, "--total-frames", str(episode), "--checkpoint-every-frames", str(episode))
+    result = run_script("drm.py", *flags, *COMMON, "--total-frames", str(episode), "--checkpoint-every-frames", str(episode), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = only_run_dir(tmp_path)
     checkpoint = os.path.join(run_dir, "checkpoint.pt")
 
-    result = run(tmp_path, "drm.py", "--resume", run_dir, "--batch-size", "16", "--total-frames", str(2 * episode))
+    result = run_script("drm.py", "--resume", run_dir, "--batch-size", "16", "--total-frames", str(2 * episode), cwd=tmp_path)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "--resume continues the same run, but these arguments differ: --batch-size 16 (checkpoint: 8)" in result.stderr
 
@@ -119,11 +118,11 @@ def test_unusable_checkpoints_and_conflicting_arguments_stop_with_a_reason(tmp_p
         head = file.read(2000)
     with open(checkpoint, "wb") as file:  # truncated, as by a full disk
         file.write(head)
-    result = run(tmp_path, "drm.py", "--resume", run_dir)
+    result = run_script("drm.py", "--resume", run_dir, cwd=tmp_path)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert f"drm.py: --resume: {checkpoint} is truncated or corrupt" in result.stderr
 
-    result = run(tmp_path, "drm.py", "--resume", str(tmp_path / "nowhere"))
+    result = run_script("drm.py", "--resume", str(tmp_path / "nowhere"), cwd=tmp_path)
     assert result.returncode != 0 and "no checkpoint at" in result.stderr
 
 
@@ -139,7 +138,7 @@ NAN_AFTER_TEN_UPDATES = (
 
 def test_a_nonfinite_loss_stops_the_run_with_a_checkpoint_of_the_last_finite_state(tmp_path):
     flags, episode = SETUPS["drm.py"]
-    result = run(tmp_path, "drm.py", *flags, *COMMON, "--total-frames", str(2 * episode), prefix=("-c", NAN_AFTER_TEN_UPDATES))
+    result = run_script("drm.py", *flags, *COMMON, "--total-frames", str(2 * episode), prefix=("-c", NAN_AFTER_TEN_UPDATES), cwd=tmp_path)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     # updates run every 2 agent steps from step 50 (400 seed frames / 8): the 11th is at step 70
     assert "drm.py: qf_loss is nan at global_step=560" in result.stderr
@@ -147,8 +146,8 @@ def test_a_nonfinite_loss_stops_the_run_with_a_checkpoint_of_the_last_finite_sta
     assert checkpoint["counters"]["num_updates"] == 10
     assert all(torch.isfinite(t).all() for net in checkpoint["networks"].values() for t in net.values())
 
-    skipping = run(tmp_path, "drm.py", *flags, *COMMON, "--total-frames", str(episode), "--skip-nonfinite-updates",
-                   "--exp-name", "skip", prefix=("-c", NAN_AFTER_TEN_UPDATES))  # fmt: skip
+    skipping = run_script("drm.py", *flags, *COMMON, "--total-frames", str(episode), "--skip-nonfinite-updates",
+                          "--exp-name", "skip", prefix=("-c", NAN_AFTER_TEN_UPDATES), cwd=tmp_path)  # fmt: skip
     assert skipping.returncode == 0, skipping.stderr[-3000:]
     skipped = scalars(only_run_dir(tmp_path, "*skip*"))["charts/skipped_updates"]
     assert skipped[-1] == (992, 28.0)  # updates at steps 70, 72, ..., 124 were all skipped
@@ -160,8 +159,8 @@ def test_resident_memory_stays_flat_once_the_buffer_is_full(tmp_path):
     # one malloc arena that returns freed memory: RSS then tracks what the run holds instead of
     # wandering by +-15 MB with the allocator's per-thread arenas (render and torch threads)
     steady_malloc = {**os.environ, "MALLOC_ARENA_MAX": "1", "MALLOC_TRIM_THRESHOLD_": "65536"}
-    process = run(tmp_path, "drm.py", *flags, *COMMON, "--buffer-size", "500", "--update-every-steps", "16",
-                  "--total-frames", str(14 * episode), "--eval-every-frames", str(4 * episode), wait=False, env=steady_malloc)  # fmt: skip
+    process = start(tmp_path, "drm.py", *flags, *COMMON, "--buffer-size", "500", "--update-every-steps", "16",
+                    "--total-frames", str(14 * episode), "--eval-every-frames", str(4 * episode), env=steady_malloc)  # fmt: skip
     resident = {}
     for line in process.stdout:
         if ", episode=" in line:
@@ -175,7 +174,7 @@ def test_resident_memory_stays_flat_once_the_buffer_is_full(tmp_path):
 
 @pytest.mark.skipif(__import__("importlib").util.find_spec("wandb") is not None, reason="wandb is installed here")
 def test_track_without_wandb_prints_the_install_line(tmp_path):
-    result = run(tmp_path, "drm.py", "--env-id", "cartpole-balance", "--track")
+    result = run_script("drm.py", "--env-id", "cartpole-balance", "--track", cwd=tmp_path)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "drm.py: --track needs Weights & Biases: pip install wandb" in result.stderr
     assert not (tmp_path / "runs").exists()

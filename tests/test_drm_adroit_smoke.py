@@ -2,33 +2,23 @@
 import ctypes.util
 import glob
 import os
-import subprocess
-import sys
 
 import imageio.v3 as iio
 import pytest
 import torch
 
-from test_drm_smoke import scalars
+from test_drm_smoke import run_script, scalars, without_module
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "drm_adroit.py")
+SCRIPT = "drm_adroit.py"
 TINY = ["--num-seed-frames", "400", "--batch-size", "8", "--buffer-size", "2000", "--log-every-updates", "10"]
-
-
-def run_adroit(tmp_path, *flags, env=None, python_prefix=()):
-    return subprocess.run(
-        [sys.executable, *python_prefix, SCRIPT, *flags],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env,
-    )  # fmt: skip
 
 
 def test_adroit_smoke_run_writes_events_video_and_model(tmp_path):
     # hammer: 100-agent-step episodes; 300 agent steps = 3 episodes, updates from step 200
-    result = run_adroit(
-        tmp_path, "--env-id", "hammer", *TINY, "--total-frames", "600", "--eval-every-frames", "100000",
+    result = run_script(
+        SCRIPT, "--env-id", "hammer", *TINY, "--total-frames", "600", "--eval-every-frames", "100000",
         "--num-eval-episodes", "2", "--perturb-interval-steps", "50", "--capture-video", "--save-model",
-        "--exp-name", "smoke", "--no-cuda",
+        "--exp-name", "smoke", "--no-cuda", cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "  expectile: 0.7" in result.stdout and "  max_perturb_factor: 0.9" in result.stdout
@@ -64,9 +54,9 @@ def test_adroit_smoke_run_writes_events_video_and_model(tmp_path):
 
 
 def test_adroit_pen_drqv2_mode(tmp_path):
-    result = run_adroit(
-        tmp_path, "--env-id", "pen", *TINY, "--total-frames", "500", "--num-eval-episodes", "1",
-        "--no-perturb", "--exploration", "linear", "--no-exploit",
+    result = run_script(
+        SCRIPT, "--env-id", "pen", *TINY, "--total-frames", "500", "--num-eval-episodes", "1",
+        "--no-perturb", "--exploration", "linear", "--no-exploit", cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = (tmp_path / "runs").iterdir()
@@ -77,12 +67,11 @@ def test_adroit_pen_drqv2_mode(tmp_path):
 
 
 def test_adroit_bad_input_stops_before_any_work(tmp_path):
-    result = run_adroit(tmp_path, "--env-id", "kettle")
+    result = run_script(SCRIPT, "--env-id", "kettle", cwd=tmp_path)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "unknown env id 'kettle'; valid ids: door, hammer, pen, relocate" in result.stderr
     # gymnasium-robotics made unimportable: the install line, no traceback
-    hide = "import runpy, sys; sys.modules['gymnasium_robotics'] = None; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
-    result = run_adroit(tmp_path, "--env-id", "door", python_prefix=("-c", hide))
+    result = run_script(SCRIPT, "--env-id", "door", prefix=without_module("gymnasium_robotics"), cwd=tmp_path)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "pip install gymnasium-robotics==1.4.2" in result.stderr
     assert not (tmp_path / "runs").exists()
@@ -90,6 +79,6 @@ def test_adroit_bad_input_stops_before_any_work(tmp_path):
 
 @pytest.mark.skipif(ctypes.util.find_library("OSMesa") is not None, reason="OSMesa is installed here")
 def test_adroit_missing_rendering_backend_prints_the_apt_line(tmp_path):
-    result = run_adroit(tmp_path, "--env-id", "door", env={**os.environ, "MUJOCO_GL": "osmesa"})
+    result = run_script(SCRIPT, "--env-id", "door", env={**os.environ, "MUJOCO_GL": "osmesa"}, cwd=tmp_path)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "apt-get install -y --no-install-recommends libegl1 libopengl0 libgl1-mesa-dri" in result.stderr

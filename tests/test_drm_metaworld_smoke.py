@@ -3,33 +3,23 @@ import ctypes.util
 import glob
 import math
 import os
-import subprocess
-import sys
 
 import imageio.v3 as iio
 import pytest
 import torch
 
-from test_drm_smoke import scalars
+from test_drm_smoke import run_script, scalars, without_module
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "drm_metaworld.py")
+SCRIPT = "drm_metaworld.py"
 TINY = ["--num-seed-frames", "400", "--batch-size", "8", "--buffer-size", "2000", "--log-every-updates", "10"]
-
-
-def run_metaworld(tmp_path, *flags, env=None, python_prefix=()):
-    return subprocess.run(
-        [sys.executable, *python_prefix, SCRIPT, *flags],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env,
-    )  # fmt: skip
 
 
 def test_metaworld_smoke_run_writes_events_video_and_model(tmp_path):
     # 500 agent steps = 2 episodes of 250, updates from step 200, perturbations every 100 steps
-    result = run_metaworld(
-        tmp_path, "--env-id", "coffee-push", *TINY, "--total-frames", "1000", "--eval-every-frames", "100000",
+    result = run_script(
+        SCRIPT, "--env-id", "coffee-push", *TINY, "--total-frames", "1000", "--eval-every-frames", "100000",
         "--num-eval-episodes", "1", "--perturb-interval-steps", "100", "--capture-video", "--save-model",
-        "--exp-name", "smoke", "--no-cuda",
+        "--exp-name", "smoke", "--no-cuda", cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "  nstep: 10" in result.stdout and "  gamma: 0.97" in result.stdout and "  shadow_size: 1024" in result.stdout
@@ -63,9 +53,9 @@ def test_metaworld_smoke_run_writes_events_video_and_model(tmp_path):
 
 
 def test_metaworld_dormant_lambda_and_linear_exploration(tmp_path):
-    result = run_metaworld(
-        tmp_path, "--env-id", "reach", *TINY, "--total-frames", "600", "--num-eval-episodes", "0",
-        "--lambda-schedule", "dormant", "--exploration", "linear", "--no-perturb",
+    result = run_script(
+        SCRIPT, "--env-id", "reach", *TINY, "--total-frames", "600", "--num-eval-episodes", "0",
+        "--lambda-schedule", "dormant", "--exploration", "linear", "--no-perturb", cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = (tmp_path / "runs").iterdir()
@@ -77,12 +67,11 @@ def test_metaworld_dormant_lambda_and_linear_exploration(tmp_path):
 
 
 def test_metaworld_bad_input_stops_before_any_work(tmp_path):
-    result = run_metaworld(tmp_path, "--env-id", "coffee-pushh")
+    result = run_script(SCRIPT, "--env-id", "coffee-pushh", cwd=tmp_path)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "unknown env id 'coffee-pushh'; did you mean coffee-push" in result.stderr
     # metaworld made unimportable: the install line, no traceback
-    hide = "import runpy, sys; sys.modules['metaworld'] = None; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
-    result = run_metaworld(tmp_path, "--env-id", "coffee-push", python_prefix=("-c", hide))
+    result = run_script(SCRIPT, "--env-id", "coffee-push", prefix=without_module("metaworld"), cwd=tmp_path)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "pip install metaworld==3.1.1" in result.stderr
     assert not (tmp_path / "runs").exists()
@@ -90,6 +79,6 @@ def test_metaworld_bad_input_stops_before_any_work(tmp_path):
 
 @pytest.mark.skipif(ctypes.util.find_library("OSMesa") is not None, reason="OSMesa is installed here")
 def test_metaworld_missing_rendering_backend_prints_the_apt_line(tmp_path):
-    result = run_metaworld(tmp_path, "--env-id", "coffee-push", env={**os.environ, "MUJOCO_GL": "osmesa"})
+    result = run_script(SCRIPT, "--env-id", "coffee-push", env={**os.environ, "MUJOCO_GL": "osmesa"}, cwd=tmp_path)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "apt-get install -y --no-install-recommends libegl1 libopengl0 libgl1-mesa-dri" in result.stderr

@@ -17,11 +17,21 @@ TINY = [
 ]  # fmt: skip
 
 
-def run_drm(tmp_path, *flags, env=None):
+def run_script(script, *flags, cwd=None, env=None, prefix=()):
+    """Run a script of the repository (its path from the root) in a subprocess, as a user would."""
     return subprocess.run(
-        [sys.executable, os.path.join(ROOT, "drm.py"), *flags],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env,
+        [sys.executable, *prefix, os.path.join(ROOT, script), *flags],
+        cwd=cwd, capture_output=True, text=True, timeout=600, env=env,
     )  # fmt: skip
+
+
+def without_module(name):
+    """A `python -c` prefix that runs the script with the module `name` unimportable."""
+    return ("-c", f"import runpy, sys; sys.modules[{name!r}] = None; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
+def run_drm(tmp_path, *flags, env=None):
+    return run_script("drm.py", *flags, cwd=tmp_path, env=env)
 
 
 def scalars(run_dir):

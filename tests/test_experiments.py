@@ -1,24 +1,16 @@
 """benchmark/run.py (the grid runner) and benchmark/report.py (figures and tables)."""
 import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 from torch.utils.tensorboard import SummaryWriter
 
-from test_drm_smoke import scalars
+from test_drm_smoke import run_script, scalars, without_module
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmark"))
 import report  # noqa: E402
-
-
-def run_tool(tool, *flags, cwd=None, prefix=()):
-    return subprocess.run(
-        [sys.executable, *prefix, os.path.join(ROOT, "benchmark", tool), *flags],
-        cwd=cwd, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
 
 
 def write_run(runs_dir, name, series):
@@ -38,7 +30,7 @@ def test_report_on_synthetic_runs_gives_the_known_table_and_correlation(tmp_path
             returns["charts/action_change"] = [(150, 1.0), (250, 3.0), (350, 2.0)]
         write_run(runs, f"toy-task__alpha__{seed}__100", returns)
         write_run(runs, f"toy-task__beta__{seed}__100", {"eval/episodic_return": [(0, 0.0), (1000, 5.0), (2000, 5.0 + seed)]})
-    result = run_tool("report.py", str(runs), "--output", str(tmp_path / "out"), "--budgets", "1000", "1500", "2000")
+    result = run_script("benchmark/report.py", str(runs), "--output", str(tmp_path / "out"), "--budgets", "1000", "1500", "2000")
     assert result.returncode == 0, result.stderr[-3000:]
     table = (tmp_path / "out" / "report.md").read_text()
     # alpha at 1000 and 1500 frames: mean(10, 20, 30) = 20; at 2000: mean(20, 40, 60) = 40; beta at 2000: 7
@@ -60,7 +52,7 @@ def test_interquartile_mean_and_bootstrap_interval():
 
 
 def test_runner_dry_run_expands_the_grid():
-    result = run_tool("run.py", "--env-ids", "walker-walk", "cartpole-balance", "--seeds", "1", "2", "--dry-run",
+    result = run_script("benchmark/run.py", "--env-ids", "walker-walk", "cartpole-balance", "--seeds", "1", "2", "--dry-run",
                       "--sweep", "threshold-0.1=--dormant-threshold 0.1", "--extra-flags=--total-frames 1000")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     commands = result.stdout.splitlines()
@@ -68,23 +60,22 @@ def test_runner_dry_run_expands_the_grid():
     drqv2 = next(c for c in commands if "--exp-name drqv2" in c and "walker-walk" in c and "--seed 2" in c)
     assert drqv2.endswith("--no-perturb --exploration linear --no-exploit --total-frames 1000")
     assert any(c.endswith("--exp-name threshold-0.1 --dormant-threshold 0.1 --total-frames 1000") for c in commands)
-    bad = run_tool("run.py", "--env-ids", "walker-walk", "--variants", "drm", "no-purturb", "--dry-run")
+    bad = run_script("benchmark/run.py", "--env-ids", "walker-walk", "--variants", "drm", "no-purturb", "--dry-run")
     assert bad.returncode != 0 and "unknown variant(s) no-purturb" in bad.stderr
 
 
 def test_missing_optional_dependencies_name_their_install_line(tmp_path):
-    hide = "import runpy, sys; sys.modules['{}'] = None; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
-    slurm = run_tool("run.py", "--env-ids", "walker-walk", "--launcher", "slurm", "--output-dir", str(tmp_path),
-                     prefix=("-c", hide.format("submitit")))  # fmt: skip
+    slurm = run_script("benchmark/run.py", "--env-ids", "walker-walk", "--launcher", "slurm", "--output-dir", str(tmp_path),
+                     prefix=without_module("submitit"))  # fmt: skip
     assert slurm.returncode != 0 and "needs submitit: pip install -r requirements-experiments.txt" in slurm.stderr
-    figures = run_tool("report.py", str(tmp_path), prefix=("-c", hide.format("matplotlib")))
+    figures = run_script("benchmark/report.py", str(tmp_path), prefix=without_module("matplotlib"))
     assert figures.returncode != 0 and "the figures need matplotlib: pip install -r requirements-experiments.txt" in figures.stderr
 
 
 def test_two_tiny_jobs_run_locally_end_to_end(tmp_path):
     tiny = ("--action-repeat 8 --num-seed-frames 400 --batch-size 8 --buffer-size 2000 --total-frames 2000 "
             "--num-eval-episodes 1 --eval-every-frames 1000 --log-every-updates 5 --no-cuda")  # fmt: skip
-    result = run_tool("run.py", "--env-ids", "cartpole-balance", "--seeds", "1", "--variants", "drm", "drqv2",
+    result = run_script("benchmark/run.py", "--env-ids", "cartpole-balance", "--seeds", "1", "--variants", "drm", "drqv2",
                       "--workers", "2", f"--extra-flags={tiny}", "--output-dir", str(tmp_path))  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:] + result.stdout
     assert "2 of 2 runs finished" in result.stdout
@@ -97,7 +88,7 @@ def test_two_tiny_jobs_run_locally_end_to_end(tmp_path):
     assert all(0 <= value <= 1 for _, value in logged["charts/dormant_ratio_critic"])
     assert "charts/dormant_ratio_value" not in scalars(tmp_path / "runs" / run_dirs[1])  # no V without exploitation
 
-    result = run_tool("report.py", str(tmp_path / "runs"), "--output", str(tmp_path / "report"), "--budgets", "1000", "2000")
+    result = run_script("benchmark/report.py", str(tmp_path / "runs"), "--output", str(tmp_path / "report"), "--budgets", "1000", "2000")
     assert result.returncode == 0, result.stderr[-3000:]
     table = (tmp_path / "report" / "report.md").read_text()
     assert "## cartpole-balance: eval/episodic_return at frame budgets" in table
