@@ -122,6 +122,14 @@ class Args:
     skip_nonfinite_updates: bool = False
     """if toggled, skip an update whose loss or Q value is NaN or infinite instead of stopping the run"""
 
+    # Speed (README, "Speed")
+    compile: bool = False
+    """if toggled, torch.compile the update and acting"""
+    cudagraphs: bool = False
+    """if toggled, capture the update and acting as CUDA graphs (needs a GPU and the replay in GPU memory)"""
+    tf32: bool = True
+    """allow TF32 tensor cores in float32 matmuls and convolutions (Ampere and newer GPUs)"""
+
 
 # The four tasks as DrM ran them (REFERENCE.md sections 8 and 10.2). They share one config, whose values
 # are the Args defaults above; relocate had no official config and uses the same.
@@ -591,19 +599,39 @@ def _sigmoid(x):
     return torch.sigmoid(x) if torch.is_tensor(x) else 1.0 / (1.0 + math.exp(-x))
 
 
+def _keep_output(linear, _inputs, output):
+    if linear.recorded is not None:
+        linear.recorded.append(output)
+
+
+def record_linear_outputs(model):
+    """Give every nn.Linear of `model` a forward hook that keeps its output while `dormant_ratio`
+    asks for it. Installed once, when the networks are built: a hook added inside a compiled
+    function would split the compiled graph."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and not hasattr(module, "recorded"):
+            module.recorded = None
+            module.register_forward_hook(_keep_output)
+    return model
+
+
 def dormant_ratio(model, *inputs, threshold=0.025):
     """Share of dormant neurons over every nn.Linear of `model` run on `inputs`: a neuron is dormant
     when its mean |output| over the batch is below `threshold` times its layer's mean. Returns a 0-d
     tensor, so calling it costs no host sync. The outputs are read after the forward pass, so a
     Linear followed by an in-place ReLU is scored after that ReLU, as in the official code."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not all(hasattr(m, "recorded") for m in linears):
+        raise ValueError("dormant_ratio: call record_linear_outputs(model) once before")
     outputs = []
-    hooks = [m.register_forward_hook(lambda _m, _in, out: outputs.append(out)) for m in model.modules() if isinstance(m, nn.Linear)]
+    for linear in linears:
+        linear.recorded = outputs
     try:
         with torch.no_grad():
             model(*inputs)
     finally:
-        for hook in hooks:
-            hook.remove()
+        for linear in linears:
+            linear.recorded = None
     dormant, total = 0, 0
     for out in outputs:
         score = out.abs().flatten(0, -2).mean(0)
@@ -617,13 +645,16 @@ def perturb(model, optimizer, factor):
     """Shrink-and-perturb in place: every nn.Linear's weight and bias become factor * old +
     (1 - factor) * fresh, fresh drawn from the init (orthogonal weights, zero biases); other
     parameters (conv, LayerNorm) are untouched. The optimizer's state (Adam moments and step
-    counts) is wiped for all its parameters."""
+    counts) is reset for all its parameters: zeroed in place, which Adam treats exactly like the
+    official code's emptied state, while compiled code and CUDA graphs keep valid pointers."""
     for module in model.modules():
         if isinstance(module, nn.Linear):
             fresh = nn.init.orthogonal_(torch.empty_like(module.weight))
             module.weight.mul_(factor).add_((1.0 - factor) * fresh)
             module.bias.mul_(factor)
-    optimizer.state.clear()
+    for state in optimizer.state.values():
+        for tensor in state.values():
+            tensor.zero_()
 
 
 def perturb_factor(dormant_ratio, min_factor=0.2, max_factor=1.0, rate=2.0):
@@ -674,7 +705,7 @@ CHECKPOINT_KEYS = {"args", "run_name", "next_step", "counters", "networks", "opt
 # arguments that change nothing the agent does, and so may differ from the checkpoint's on --resume
 RESUMABLE_CHANGES = {
     "resume", "total_frames", "track", "wandb_project_name", "wandb_entity", "capture_video", "save_model",
-    "checkpoint_every_frames", "checkpoint_replay",
+    "checkpoint_every_frames", "checkpoint_replay", "compile", "cudagraphs",
 }  # fmt: skip
 
 
@@ -735,15 +766,72 @@ def set_rng_states(states, device):
         torch.cuda.set_rng_state(states["cuda"], device)
 
 
-class NonFiniteUpdate(Exception):
-    """A loss or Q value of the current update is NaN or infinite."""
+@torch.compiler.disable  # plain Python under torch.compile, which would not pass the attribute on
+def step_unless(optimizer, skip):
+    """optimizer.step(), dropped on the device when the 0-d bool tensor `skip` is true: no host sync,
+    so a non-finite update can be discarded inside a compiled or captured update. Fused Adam reads
+    the flag from `found_inf`, the attribute torch.amp.GradScaler sets for the same purpose."""
+    optimizer.found_inf = skip.float()
+    optimizer.step()
 
 
-def ensure_finite(**quantities):
-    """Raise NonFiniteUpdate naming the first quantity that is not finite (one device-to-host sync)."""
-    for name, value in quantities.items():
-        if not torch.isfinite(value).all():
-            raise NonFiniteUpdate(f"{name} is {value.detach().float().mean().item()}")
+# Speed: timing and CUDA graphs
+class UpdateTimer:
+    """Milliseconds one update takes on the device, read at log time: CUDA events on a GPU (nothing
+    waits until the reading), the wall clock on the CPU (where the update runs synchronously)."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.begin, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def start(self):
+        if self.cuda:
+            self.begin.record()
+        else:
+            self.begin = time.perf_counter()
+
+    def stop(self):
+        if self.cuda:
+            self.end.record()
+        else:
+            self.end = time.perf_counter()
+
+    def milliseconds(self):
+        if self.cuda:
+            self.end.synchronize()
+            return self.begin.elapsed_time(self.end)
+        return (self.end - self.begin) * 1000.0
+
+
+class CudaGraphed:
+    """Calls `fn` normally for its first `warmup` calls (on a side stream, as capture requires; this
+    also creates Adam's state), captures the next call as a CUDA graph and replays that graph for
+    every call after. Arguments must be tensors of fixed shape: they are copied into the graph's
+    own inputs. The outputs are the graph's own tensors, overwritten by the next call."""
+
+    def __init__(self, fn, warmup=3):
+        self.fn, self.warmup, self.graph = fn, warmup, None
+
+    def __call__(self, *inputs):
+        if self.graph is None and self.warmup > 0:
+            self.warmup -= 1
+            side_stream = torch.cuda.Stream()
+            side_stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side_stream):
+                outputs = self.fn(*inputs)
+            torch.cuda.current_stream().wait_stream(side_stream)
+            return outputs
+        if self.graph is None:
+            self.inputs = [tensor.clone() for tensor in inputs]
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):  # records the kernels without running them
+                self.outputs = self.fn(*self.inputs)
+        else:
+            for graph_input, tensor in zip(self.inputs, inputs, strict=True):
+                graph_input.copy_(tensor)
+        self.graph.replay()
+        return self.outputs
 
 
 if __name__ == "__main__":
@@ -775,9 +863,12 @@ if __name__ == "__main__":
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     torch.backends.cudnn.benchmark = not args.torch_deterministic
+    torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = "tf32" if args.tf32 else "ieee"
     if args.cuda and not torch.cuda.is_available():
         print("--cuda: no CUDA device is available, running on the CPU")
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    if args.cudagraphs and device.type != "cuda":
+        sys.exit("drm.py: --cudagraphs needs a CUDA GPU and --cuda")
 
     # env setup: train and eval envs share the seed, as in the official code
     env = make_env(args.env_id, args.seed, args.action_repeat, args.frame_stack)
@@ -788,6 +879,8 @@ if __name__ == "__main__":
     nbytes = ReplayBuffer.nbytes(args.buffer_size, frame_shape, STATE_DIM, action_dim)
     storage = replay_device(nbytes, device)
     print(f"replay: {args.buffer_size:,} transitions, {nbytes / 1e9:.1f} GB on {storage.type}")
+    if args.cudagraphs and storage != device:
+        sys.exit("drm.py: --cudagraphs samples the replay inside the graph, so it must fit in GPU memory; lower --buffer-size")
     rb = ReplayBuffer(args.buffer_size, frame_shape, STATE_DIM, action_dim, args.frame_stack, args.nstep, args.gamma, storage)
 
     if args.track:
@@ -808,15 +901,18 @@ if __name__ == "__main__":
 
     # ALGO LOGIC: initialize agent here
     encoder = Encoder(obs_shape).to(device)
-    actor = Actor(encoder.repr_dim, STATE_DIM, action_dim, args.feature_dim, args.hidden_dim).to(device)
-    critic = Critic(encoder.repr_dim, STATE_DIM, action_dim, args.feature_dim, args.hidden_dim).to(device)
+    actor = record_linear_outputs(Actor(encoder.repr_dim, STATE_DIM, action_dim, args.feature_dim, args.hidden_dim).to(device))
+    critic = record_linear_outputs(Critic(encoder.repr_dim, STATE_DIM, action_dim, args.feature_dim, args.hidden_dim).to(device))
     critic_target = Critic(encoder.repr_dim, STATE_DIM, action_dim, args.feature_dim, args.hidden_dim).to(device)
     critic_target.load_state_dict(critic.state_dict())
-    value = ValueNetwork(encoder.repr_dim, STATE_DIM, args.feature_dim, args.hidden_dim).to(device)
-    encoder_optimizer = torch.optim.Adam(encoder.parameters(), lr=args.learning_rate)
-    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.learning_rate)
-    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.learning_rate)
-    value_optimizer = torch.optim.Adam(value.parameters(), lr=args.learning_rate)
+    value = record_linear_outputs(ValueNetwork(encoder.repr_dim, STATE_DIM, args.feature_dim, args.hidden_dim).to(device))
+    # fused Adam: one kernel per step, a step that can be dropped on the device (step_unless), and
+    # CUDA graph capture (capturable)
+    adam = dict(lr=args.learning_rate, fused=True, capturable=args.cudagraphs)
+    encoder_optimizer = torch.optim.Adam(encoder.parameters(), **adam)
+    actor_optimizer = torch.optim.Adam(actor.parameters(), **adam)
+    critic_optimizer = torch.optim.Adam(critic.parameters(), **adam)
+    value_optimizer = torch.optim.Adam(value.parameters(), **adam)
     networks = dict(encoder=encoder, actor=actor, critic=critic, critic_target=critic_target, value=value)
     optimizers = dict(encoder=encoder_optimizer, actor=actor_optimizer, critic=critic_optimizer, value=value_optimizer)
     # the target critic has no optimizer: its perturbation wipes the critic's state once more
@@ -828,9 +924,11 @@ if __name__ == "__main__":
         (value, value_optimizer),
     ]
 
-    # DrM state lives on the device so the update never waits for the host
+    # DrM state lives on the device so the update never waits for the host; it is changed in place
+    # only, so compiled code and CUDA graphs always read the current values
     beta = torch.tensor(1.0, device=device)  # actor dormant ratio of the last update (1.0 before any)
     awaken_step = torch.tensor(-1, device=device)  # agent step of awakening, -1 until then
+    step_tensor = torch.tensor(0, device=device)  # the agent step, as the schedules read it
     awaken_logged = False
 
     def exploration_std(step):
@@ -850,8 +948,101 @@ if __name__ == "__main__":
 
     total_steps = args.total_frames // args.action_repeat
     num_seed_steps = args.num_seed_frames // args.action_repeat
+
+    @torch.no_grad()
+    def act(obs, state, step):
+        features = encoder(obs.unsqueeze(0))
+        return sample_action(actor(features, state.unsqueeze(0)), exploration_std(step))[0]
+
+    # ALGO LOGIC: the update, in phases of one backward pass each (a compiled function's graph ends
+    # at a backward pass, so --compile compiles each phase whole). Every phase reads and writes
+    # device tensors only: nothing waits for the host, so the update is queued before the env step
+    # and computes while the env steps. A non-finite loss drops its own optimizer step and every
+    # later one of the update, on the device (step_unless); the loop reads `nonfinite` afterwards.
+    def encode(data, step):
+        features = encoder(random_shift(data.obs.float()))
+        with torch.no_grad():
+            next_features = encoder(random_shift(data.next_obs.float()))
+        # the actor's dormant ratio on this batch drives exploration std and lambda
+        beta.copy_(dormant_ratio(actor, features.detach(), data.state, threshold=args.dormant_threshold))
+        awakens = (awaken_step < 0) & (beta < args.target_dormant_ratio) & (step > num_seed_steps)
+        awaken_step.copy_(torch.where(awakens, step, awaken_step))
+        return features, next_features, exploration_std(step), exploit_lambda()
+
+    def update_value(features, state, action):
+        # value network: expectile regression on the online critic's min(Q1, Q2) of replay actions
+        with torch.no_grad():
+            q_replay = torch.min(*critic(features, state, action))
+        value_loss = expectile_loss(value(features, state) - q_replay, args.expectile)
+        value_optimizer.zero_grad(set_to_none=True)
+        value_loss.backward()
+        nonfinite = ~torch.isfinite(value_loss)
+        step_unless(value_optimizer, nonfinite)
+        return value_loss.detach(), nonfinite
+
+    def update_critic(features, next_features, data, std, lam, skip):
+        # critic and encoder: n-step TD target blending the target critic and V(s') by lambda
+        with torch.no_grad():
+            next_action = sample_action(actor(next_features, data.next_state), std, args.std_clip)
+            next_value = torch.min(*critic_target(next_features, data.next_state, next_action))
+            if args.exploit:
+                next_value = lam * value(next_features, data.next_state) + (1.0 - lam) * next_value
+            td_target = data.reward + data.discount * next_value
+        qf1_values, qf2_values = critic(features, data.state, data.action)
+        qf_loss = F.mse_loss(qf1_values, td_target) + F.mse_loss(qf2_values, td_target)
+        encoder_optimizer.zero_grad(set_to_none=True)
+        critic_optimizer.zero_grad(set_to_none=True)
+        qf_loss.backward()
+        nonfinite = ~torch.isfinite(qf_loss)  # also catches non-finite Q values
+        step_unless(critic_optimizer, skip | nonfinite)
+        step_unless(encoder_optimizer, skip | nonfinite)
+        return qf1_values.detach().mean(), qf2_values.detach().mean(), qf_loss.detach(), nonfinite
+
+    def update_actor(features, state, std, skip):
+        # actor: maximise min(Q1, Q2) of the just-updated critic
+        policy_action = sample_action(actor(features, state), std, args.std_clip)
+        actor_loss = -torch.min(*critic(features, state, policy_action)).mean()
+        actor_optimizer.zero_grad(set_to_none=True)
+        actor_loss.backward()
+        nonfinite = ~torch.isfinite(actor_loss)
+        step_unless(actor_optimizer, skip | nonfinite)
+        with torch.no_grad():  # a dropped update leaves the target critic as it was, too
+            tau = args.tau * (~(skip | nonfinite)).float()
+            for param, target_param in zip(critic.parameters(), critic_target.parameters(), strict=True):
+                target_param.lerp_(param, tau)
+        return actor_loss.detach(), nonfinite
+
+    def update(step):
+        data = rb.sample(args.batch_size, device)
+        features, next_features, std, lam = encode(data, step)
+        metrics, value_nonfinite = {}, torch.zeros((), dtype=torch.bool, device=device)
+        if args.exploit:
+            metrics["losses/value_loss"], value_nonfinite = update_value(features.detach(), data.state, data.action)
+        qf1_mean, qf2_mean, qf_loss, qf_nonfinite = update_critic(features, next_features, data, std, lam, value_nonfinite)
+        actor_loss, actor_nonfinite = update_actor(features.detach(), data.state, std, value_nonfinite | qf_nonfinite)
+        metrics.update({
+            "losses/qf1_values": qf1_mean,
+            "losses/qf2_values": qf2_mean,
+            "losses/qf_loss": qf_loss,
+            "losses/actor_loss": actor_loss,
+            "charts/dormant_ratio": beta,
+            "charts/exploration_std": std,
+            "charts/lambda": lam,
+        })  # fmt: skip
+        nonfinite = torch.stack([value_nonfinite, qf_nonfinite, actor_nonfinite])
+        return metrics, nonfinite, features.detach(), data.state, data.action
+
+    # the fast paths (README, "Speed") swap these functions for compiled and/or captured versions
+    if args.compile:
+        same_random_draws = {"fallback_random": True}  # as eager: --compile changes the speed, not the run
+        act, encode, update_value, update_critic, update_actor = (
+            torch.compile(fn, options=same_random_draws) for fn in (act, encode, update_value, update_critic, update_actor)
+        )
+    if args.cudagraphs:
+        act, update = CudaGraphed(act), CudaGraphed(update)
+    update_timer = UpdateTimer(device)
     eval_every_steps = max(args.eval_every_frames // args.action_repeat, 1)
-    start_step, num_updates, skipped_updates, metrics = 0, 0, 0, {}
+    start_step, num_updates, skipped_updates = 0, 0, 0
     episode_return, episode_count = 0.0, 0
     episode_actions = []  # behind charts/action_magnitude and charts/action_change
     recent_successes = deque(maxlen=10)  # training episodes behind charts/success_rate
@@ -897,7 +1088,7 @@ if __name__ == "__main__":
         skipped_updates, awaken_logged = counters["skipped_updates"], counters["awaken_logged"]
         start_time = time.time() - counters["elapsed"]
         recent_successes.extend(counters["recent_successes"])
-        beta, awaken_step = counters["beta"].to(device), counters["awaken_step"].to(device)
+        beta.copy_(counters["beta"]), awaken_step.copy_(counters["awaken_step"])
         start_step = checkpoint["next_step"]
         set_rng_states(checkpoint["rng"], device)
         env.set_rng_state(checkpoint["envs"]["train"])
@@ -913,7 +1104,9 @@ if __name__ == "__main__":
 
     # TRY NOT TO MODIFY: start the game
     obs, state = env.reset()
-    rb.add(obs[-3:], state, np.zeros(action_dim, np.float32), 0.0, 1.0, first=True)
+    # frames and hand state go to the device once per step
+    obs_device, state_device = torch.as_tensor(obs, device=device), torch.as_tensor(state, device=device)
+    rb.add(obs_device[-3:], state_device, np.zeros(action_dim, np.float32), 0.0, 1.0, first=True)
     for step in range(start_step, total_steps):
         global_step = step * args.action_repeat
 
@@ -928,109 +1121,54 @@ if __name__ == "__main__":
             writer.add_scalar("eval/success_rate", eval_success, global_step)
 
         # ALGO LOGIC: put action logic here
+        step_tensor.fill_(step)
         if step < num_seed_steps:
             action = np.random.uniform(-1.0, 1.0, action_dim).astype(np.float32)
         else:
-            with torch.no_grad():
-                features = encoder(torch.as_tensor(obs, device=device).unsqueeze(0))
-                mean = actor(features, torch.as_tensor(state, device=device).unsqueeze(0))
-                action = sample_action(mean, exploration_std(step))[0].cpu().numpy()
+            action = act(obs_device, state_device, step_tensor).cpu().numpy()
 
-        # ALGO LOGIC: training
-        if step >= first_update_step and step % args.update_every_steps == 0:
-            try:
-                if args.perturb and step % args.perturb_interval_steps == 0:
-                    factor = perturb_factor(beta, args.min_perturb_factor, args.max_perturb_factor, args.perturb_rate)
-                    for network, optimizer in perturbed:
-                        perturb(network, optimizer, factor)
-                    writer.add_scalar("charts/perturb_factor", factor.item(), global_step)
-
-                data = rb.sample(args.batch_size, device)
-                features = encoder(random_shift(data.obs.float()))
-                with torch.no_grad():
-                    next_features = encoder(random_shift(data.next_obs.float()))
-
-                # the actor's dormant ratio on this batch drives exploration std and lambda
-                beta = dormant_ratio(actor, features.detach(), data.state, threshold=args.dormant_threshold)
-                if step > num_seed_steps:
-                    awaken_step = torch.where((awaken_step < 0) & (beta < args.target_dormant_ratio), step, awaken_step)
-                std, lam = exploration_std(step), exploit_lambda()
-
-                # value network: expectile regression on the online critic's min(Q1, Q2) of replay actions
-                if args.exploit:
-                    with torch.no_grad():
-                        q_replay = torch.min(*critic(features.detach(), data.state, data.action))
-                    value_loss = expectile_loss(value(features.detach(), data.state) - q_replay, args.expectile)
-                    ensure_finite(value_loss=value_loss)
-                    value_optimizer.zero_grad(set_to_none=True)
-                    value_loss.backward()
-                    value_optimizer.step()
-                    metrics["losses/value_loss"] = value_loss.detach()
-
-                # critic and encoder: n-step TD target blending the target critic and V(s') by lambda
-                with torch.no_grad():
-                    next_action = sample_action(actor(next_features, data.next_state), std, args.std_clip)
-                    next_value = torch.min(*critic_target(next_features, data.next_state, next_action))
-                    if args.exploit:
-                        next_value = lam * value(next_features, data.next_state) + (1.0 - lam) * next_value
-                    td_target = data.reward + data.discount * next_value
-                qf1_values, qf2_values = critic(features, data.state, data.action)
-                qf_loss = F.mse_loss(qf1_values, td_target) + F.mse_loss(qf2_values, td_target)
-                ensure_finite(qf_loss=qf_loss, qf1_values=qf1_values, qf2_values=qf2_values)
-                encoder_optimizer.zero_grad(set_to_none=True)
-                critic_optimizer.zero_grad(set_to_none=True)
-                qf_loss.backward()
-                critic_optimizer.step()
-                encoder_optimizer.step()
-
-                # actor: maximise min(Q1, Q2) of the just-updated critic
-                policy_action = sample_action(actor(features.detach(), data.state), std, args.std_clip)
-                actor_loss = -torch.min(*critic(features.detach(), data.state, policy_action)).mean()
-                ensure_finite(actor_loss=actor_loss)
-                actor_optimizer.zero_grad(set_to_none=True)
-                actor_loss.backward()
-                actor_optimizer.step()
-
-                with torch.no_grad():
-                    for param, target_param in zip(critic.parameters(), critic_target.parameters(), strict=True):
-                        target_param.lerp_(param, args.tau)
-
-                num_updates += 1
-                metrics.update({
-                    "losses/qf1_values": qf1_values.detach().mean(),
-                    "losses/qf2_values": qf2_values.detach().mean(),
-                    "losses/qf_loss": qf_loss.detach(),
-                    "losses/actor_loss": actor_loss.detach(),
-                    "charts/dormant_ratio": beta,
-                    "charts/exploration_std": std,
-                    "charts/lambda": lam,
-                })  # fmt: skip
-                if num_updates % args.log_every_updates == 0:
-                    # diagnostics beside the actor's ratio, only at log time, so they cost nothing measurable
-                    metrics["charts/dormant_ratio_critic"] = dormant_ratio(
-                        critic, features.detach(), data.state, data.action, threshold=args.dormant_threshold
-                    )
-                    if args.exploit:
-                        metrics["charts/dormant_ratio_value"] = dormant_ratio(
-                            value, features.detach(), data.state, threshold=args.dormant_threshold
-                        )
-                    for tag, scalar in metrics.items():
-                        writer.add_scalar(tag, float(scalar), global_step)
-                    if not awaken_logged and awaken_step.item() >= 0:
-                        writer.add_scalar("charts/awaken_step", awaken_step.item(), global_step)
-                        awaken_logged = True
-            except NonFiniteUpdate as error:
-                if not args.skip_nonfinite_updates:
-                    write_checkpoint(step + 1)
-                    sys.exit(f"drm_adroit.py: {error} at global_step={global_step}; {checkpoint_path} holds the last finite state")
-                skipped_updates += 1
-                for optimizer in optimizers.values():
-                    optimizer.zero_grad(set_to_none=True)
-                writer.add_scalar("charts/skipped_updates", skipped_updates, global_step)
+        # ALGO LOGIC: training, queued on the device before the env step so the two run side by side
+        updating = step >= first_update_step and step % args.update_every_steps == 0
+        if updating:
+            if args.perturb and step % args.perturb_interval_steps == 0:
+                factor = perturb_factor(beta, args.min_perturb_factor, args.max_perturb_factor, args.perturb_rate)
+                for network, optimizer in perturbed:
+                    perturb(network, optimizer, factor)
+                writer.add_scalar("charts/perturb_factor", factor.item(), global_step)
+            update_timer.start()
+            metrics, nonfinite, features, replay_state, replay_action = update(step_tensor)
+            update_timer.stop()
 
         # TRY NOT TO MODIFY: execute the game and log data
         obs, state, reward, discount, last = env.step(action)
-        rb.add(obs[-3:], state, action, reward, discount, first=False)
+        obs_device, state_device = torch.as_tensor(obs, device=device), torch.as_tensor(state, device=device)
+        rb.add(obs_device[-3:], state_device, action, reward, discount, first=False)
+
+        # the update has had the env step's time to finish: reading its results now costs no wait
+        if updating and nonfinite.any():
+            failed = ["value_loss", "qf_loss", "actor_loss"][int(nonfinite.int().argmax())]
+            if not args.skip_nonfinite_updates:
+                write_checkpoint(step + 1)
+                sys.exit(f"drm_adroit.py: {failed} is not finite at global_step={global_step}; the update was dropped "
+                         f"and {checkpoint_path} holds the last finite state")  # fmt: skip
+            skipped_updates += 1
+            writer.add_scalar("charts/skipped_updates", skipped_updates, global_step)
+        elif updating:
+            num_updates += 1
+            if num_updates % args.log_every_updates == 0:
+                # diagnostics beside the actor's ratio, only at log time, so they cost nothing measurable
+                logged = dict(metrics)
+                logged["charts/dormant_ratio_critic"] = dormant_ratio(
+                    critic, features, replay_state, replay_action, threshold=args.dormant_threshold
+                )
+                if args.exploit:
+                    logged["charts/dormant_ratio_value"] = dormant_ratio(value, features, replay_state, threshold=args.dormant_threshold)
+                logged["perf/update_ms"] = update_timer.milliseconds()
+                for tag, scalar in logged.items():
+                    writer.add_scalar(tag, float(scalar), global_step)
+                if not awaken_logged and awaken_step.item() >= 0:
+                    writer.add_scalar("charts/awaken_step", awaken_step.item(), global_step)
+                    awaken_logged = True
         episode_return += reward
         episode_actions.append(action)
         if last:
@@ -1060,7 +1198,8 @@ if __name__ == "__main__":
                     print(f"stopped; continue with: python drm_adroit.py --resume {run_dir}", flush=True)
                     sys.exit(128 + stop_signal[0])
             (obs, state), episode_return = env.reset(), 0.0
-            rb.add(obs[-3:], state, np.zeros(action_dim, np.float32), 0.0, 1.0, first=True)
+            obs_device, state_device = torch.as_tensor(obs, device=device), torch.as_tensor(state, device=device)
+            rb.add(obs_device[-3:], state_device, np.zeros(action_dim, np.float32), 0.0, 1.0, first=True)
 
     if args.save_model:
         model_path = f"{run_dir}/{args.exp_name}.cleanrl_model"

@@ -19,7 +19,7 @@ def test_metaworld_smoke_run_writes_events_video_and_model(tmp_path):
     result = run_script(
         SCRIPT, "--env-id", "coffee-push", *TINY, "--total-frames", "1000", "--eval-every-frames", "100000",
         "--num-eval-episodes", "1", "--perturb-interval-steps", "100", "--capture-video", "--save-model",
-        "--exp-name", "smoke", "--no-cuda", cwd=tmp_path,
+        "--exp-name", "smoke", "--no-cuda", "--hidden-dim", "64", cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "  nstep: 10" in result.stdout and "  gamma: 0.97" in result.stdout and "  shadow_size: 1024" in result.stdout
@@ -47,7 +47,7 @@ def test_metaworld_smoke_run_writes_events_video_and_model(tmp_path):
 
     model = torch.load(run_dir / "smoke.cleanrl_model", weights_only=False)
     assert {"encoder", "actor", "critic", "critic_target", "value", "args"} <= set(model)
-    assert model["critic"]["q1.2.weight"].shape == (1024,)  # the LayerNorm after the first Linear
+    assert model["critic"]["q1.2.weight"].shape == (64,)  # the LayerNorm after the first Linear
     assert model["encoder"]["convnet.0.weight"].shape == (32, 9, 3, 3)
     assert model["args"]["env_id"] == "coffee-push"
 

@@ -45,6 +45,7 @@ def test_drm_smoke_run_writes_events_video_and_model(tmp_path):
     result = run_drm(
         tmp_path, *TINY, "--total-frames", "1200", "--eval-every-frames", "100000", "--num-eval-episodes", "1",
         "--perturb-interval-steps", "100", "--capture-video", "--save-model", "--exp-name", "smoke", "--no-cuda",
+        "--hidden-dim", "64",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "  max_perturb_factor: 1.0" in result.stdout and "  learning_rate: 0.0001" in result.stdout  # presets
@@ -58,7 +59,7 @@ def test_drm_smoke_run_writes_events_video_and_model(tmp_path):
         "charts/episodic_return", "charts/episodic_length", "charts/SPS", "losses/qf1_values",
         "losses/qf2_values", "losses/qf_loss", "losses/actor_loss", "losses/value_loss",
         "charts/dormant_ratio", "charts/exploration_std", "charts/lambda", "charts/perturb_factor",
-        "eval/episodic_return",
+        "eval/episodic_return", "perf/update_ms",
     }  # fmt: skip
     assert expected <= set(logged), expected - set(logged)
     assert logged["charts/episodic_length"] == [(1000, 1000.0)]
@@ -74,7 +75,7 @@ def test_drm_smoke_run_writes_events_video_and_model(tmp_path):
     model = torch.load(run_dir / "smoke.cleanrl_model", weights_only=False)
     assert {"encoder", "actor", "critic", "critic_target", "value", "args"} <= set(model)
     assert model["actor"]["trunk.0.weight"].shape == (50, 32 * 35 * 35)
-    assert model["critic"]["q1.4.weight"].shape == (1, 1024)
+    assert model["critic"]["q1.4.weight"].shape == (1, 64)
     assert model["args"]["env_id"] == "cartpole-balance" and model["args"]["max_perturb_factor"] == 1.0
 
 

@@ -30,7 +30,7 @@ def test_dormant_ratio_counts_known_dormant_neurons(script):
     layer1, layer2 = nn.Linear(2, 4), nn.Linear(4, 1)
     set_linear(layer1, [[1, 0], [0, 1], [0.01, 0], [0, 0]], [0, 0, 0, 0])
     set_linear(layer2, [[1, 1, 1, 1]], [0])
-    model = nn.Sequential(layer1, layer2)
+    model = script.record_linear_outputs(nn.Sequential(layer1, layer2))
     x = torch.tensor([[1.0, 1.0], [-1.0, -1.0]])
     ratio = script.dormant_ratio(model, x)
     assert torch.is_tensor(ratio) and ratio.dim() == 0
@@ -46,19 +46,30 @@ def test_dormant_ratio_sees_through_in_place_relu(script, inplace, expected):
     layer1, layer2 = nn.Linear(1, 2), nn.Linear(2, 1)
     set_linear(layer1, [[1], [1]], [0, -10])
     set_linear(layer2, [[1, 1]], [0])
-    model = nn.Sequential(layer1, nn.ReLU(inplace=inplace), layer2)
+    model = script.record_linear_outputs(nn.Sequential(layer1, nn.ReLU(inplace=inplace), layer2))
     assert script.dormant_ratio(model, torch.tensor([[1.0], [2.0]])).item() == pytest.approx(expected)
 
 
-def test_dormant_ratio_of_actor_hooks_every_linear_and_leaves_no_hooks():
+def test_dormant_ratio_of_actor_hooks_every_linear_once_and_records_only_while_measuring():
     actor = drm.Actor(repr_dim=16, action_dim=3, feature_dim=5, hidden_dim=8)
+    with pytest.raises(ValueError, match="record_linear_outputs"):
+        drm.dormant_ratio(actor, torch.randn(4, 16))
+    drm.record_linear_outputs(drm.record_linear_outputs(actor))  # a second call adds nothing
     with torch.no_grad():  # make one hidden unit of the first policy layer dead after its ReLU
         actor.policy[0].weight[0].zero_()
         actor.policy[0].bias[0] = -1.0
     ratio = drm.dormant_ratio(actor, torch.randn(64, 16))
     total = 5 + 8 + 8 + 3
     assert round(ratio.item() * total) >= 1
-    assert all(not m._forward_hooks for m in actor.modules())
+    linears = [m for m in actor.modules() if isinstance(m, nn.Linear)]
+    assert len(linears) == 4 and all(len(m._forward_hooks) == 1 and m.recorded is None for m in linears)
+
+
+def test_dormant_ratio_compiles_as_one_graph(script):
+    model = script.record_linear_outputs(nn.Sequential(nn.Linear(6, 8), nn.ReLU(inplace=True), nn.Linear(8, 2)))
+    x = torch.randn(16, 6)
+    compiled = torch.compile(lambda inputs: script.dormant_ratio(model, inputs), fullgraph=True, backend="eager")
+    assert compiled(x).item() == pytest.approx(script.dormant_ratio(model, x).item())
 
 
 # ------------------------------------------------------------------------------------- perturbation
@@ -83,7 +94,30 @@ def test_perturb_blends_linear_layers_with_a_fresh_orthogonal_draw(script):
     torch.testing.assert_close(model[0].bias.detach(), 0.25 * stepped_bias)
     for key, tensor in model[1].state_dict().items():
         torch.testing.assert_close(tensor, layer_norm[key])
-    assert not optimizer.state  # Adam moments and step counts wiped
+    # Adam moments and step counts reset in place: the next step is a fresh optimizer's first step
+    assert all(torch.count_nonzero(t) == 0 for state in optimizer.state.values() for t in state.values())
+    fresh_model = nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3))
+    fresh_model.load_state_dict(model.state_dict())
+    fresh_optimizer = torch.optim.Adam(fresh_model.parameters(), lr=1e-3)
+    x = torch.randn(4, 3)
+    for net, opt in [(model, optimizer), (fresh_model, fresh_optimizer)]:
+        opt.zero_grad()
+        net(x).sum().backward()
+        opt.step()
+    for ours, fresh in zip(model.parameters(), fresh_model.parameters()):
+        torch.testing.assert_close(ours, fresh)
+
+
+@pytest.mark.parametrize("nonfinite", [False, True])
+def test_step_unless_drops_the_whole_adam_step_on_the_device(script, nonfinite):
+    layer = nn.Linear(2, 1)
+    optimizer = torch.optim.Adam(layer.parameters(), lr=0.1, fused=True)
+    before = [p.detach().clone() for p in layer.parameters()]
+    layer(torch.ones(1, 2)).sum().backward()
+    script.step_unless(optimizer, torch.tensor(nonfinite))
+    moved = [not torch.equal(p, b) for p, b in zip(layer.parameters(), before)]
+    steps = [state["step"].item() for state in optimizer.state.values()]
+    assert moved == [not nonfinite] * 2 and steps == [0.0 if nonfinite else 1.0] * 2
 
 
 def test_perturb_leaves_the_conv_encoder_and_factor_one_untouched():
