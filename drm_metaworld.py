@@ -938,8 +938,9 @@ if __name__ == "__main__":
         critic_optimizer.zero_grad(set_to_none=True)
         qf_loss.backward()
         nonfinite = ~torch.isfinite(qf_loss)  # also catches non-finite Q values
-        step_unless(critic_optimizer, skip | nonfinite)
-        step_unless(encoder_optimizer, skip | nonfinite)
+        dropped = skip | nonfinite
+        step_unless(critic_optimizer, dropped)
+        step_unless(encoder_optimizer, dropped)
         return qf1_values.detach().mean(), qf2_values.detach().mean(), qf_loss.detach(), nonfinite
 
     def update_actor(features, std, skip):
@@ -949,9 +950,10 @@ if __name__ == "__main__":
         actor_optimizer.zero_grad(set_to_none=True)
         actor_loss.backward()
         nonfinite = ~torch.isfinite(actor_loss)
-        step_unless(actor_optimizer, skip | nonfinite)
+        dropped = skip | nonfinite
+        step_unless(actor_optimizer, dropped)
         with torch.no_grad():  # a dropped update leaves the target critic as it was, too
-            tau = args.tau * (~(skip | nonfinite)).float()
+            tau = args.tau * (~dropped).float()
             for param, target_param in zip(critic.parameters(), critic_target.parameters(), strict=True):
                 target_param.lerp_(param, tau)
         return actor_loss.detach(), nonfinite
@@ -959,11 +961,12 @@ if __name__ == "__main__":
     def update(step):
         data = rb.sample(args.batch_size, device)
         features, next_features, std, lam = encode(data, step)
+        detached = features.detach()  # V and the actor train on the features, not the encoder
         metrics, value_nonfinite = {}, torch.zeros((), dtype=torch.bool, device=device)
         if args.exploit:
-            metrics["losses/value_loss"], value_nonfinite = update_value(features.detach(), data.action)
+            metrics["losses/value_loss"], value_nonfinite = update_value(detached, data.action)
         qf1_mean, qf2_mean, qf_loss, qf_nonfinite = update_critic(features, next_features, data, std, lam, value_nonfinite)
-        actor_loss, actor_nonfinite = update_actor(features.detach(), std, value_nonfinite | qf_nonfinite)
+        actor_loss, actor_nonfinite = update_actor(detached, std, value_nonfinite | qf_nonfinite)
         metrics.update({
             "losses/qf1_values": qf1_mean,
             "losses/qf2_values": qf2_mean,
@@ -974,7 +977,7 @@ if __name__ == "__main__":
             "charts/lambda": lam,
         })  # fmt: skip
         nonfinite = torch.stack([value_nonfinite, qf_nonfinite, actor_nonfinite])
-        return metrics, nonfinite, features.detach(), data.action
+        return metrics, nonfinite, detached, data.action
 
     # the fast paths (README, "Speed") swap these functions for compiled and/or captured versions
     if args.compile:

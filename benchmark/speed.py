@@ -142,12 +142,13 @@ def main(args, script_args=()):
         if mode not in ("env-only", "eager") and "eager" in logged:
             results[mode]["qf_loss_difference"] = loss_difference(logged[mode], logged["eager"])
 
+    machine = hardware(cuda)
     env_only = results.get("env-only", {}).get("frames_per_second")
     eager = results.get("eager", {}).get("frames_per_second")
     lines = [
         f"{args.script} {args.env_id}, {shlex.join(script_args) or 'default settings'}; frames {args.seed_frames} seed + "
         f"{args.warmup_frames} warm-up + {args.measure_frames} measured",
-        f"hardware: {hardware(cuda)}",
+        f"hardware: {machine}",
         "",
         "| mode | frames/s | / env-only | / eager | ms per update | qf_loss vs eager (max rel. diff) |",
         "|---|---|---|---|---|---|",
@@ -165,7 +166,7 @@ def main(args, script_args=()):
         lines.append("| " + " | ".join(cells) + " |")
     print("\n".join(lines))
     with open(os.path.join(args.output, "speed.json"), "w") as file:
-        json.dump({"hardware": hardware(cuda), "args": vars(args), "script_args": list(script_args), "results": results}, file, indent=2)
+        json.dump({"hardware": machine, "args": vars(args), "script_args": list(script_args), "results": results}, file, indent=2)
     return results
 
 
