@@ -1,5 +1,6 @@
-# docs and implementation details: README.md, section "drm_metaworld.py (Meta-World)"
+# DrM on Meta-World from pixels. Docs: README.md, section "drm_metaworld.py (Meta-World)"
 import difflib
+import importlib.util
 import math
 import os
 import random
@@ -23,6 +24,9 @@ from torch.utils.tensorboard import SummaryWriter
 
 @dataclass
 class Args:
+    """DrM (Xu et al., ICLR 2024) on a Meta-World v3 task from pixels, with the official Meta-World config
+    for every task; `--print-config` shows the resolved arguments."""
+
     exp_name: str = os.path.splitext(os.path.basename(__file__))[0]
     """name of the experiment, part of the run name"""
     seed: int = 121
@@ -38,9 +42,9 @@ class Args:
     wandb_entity: str | None = None
     """Weights & Biases team or user (None: your default)"""
     capture_video: bool = False
-    """save an mp4 of the first episode of every evaluation under `videos/{run_name}`"""
+    """save an mp4 of the first episode of evaluations 0, 1, 8, 27, ... (cubes, then every 1000th) under `videos/{run_name}`"""
     save_model: bool = False
-    """save the networks' state dicts under `runs/{run_name}` at the end"""
+    """save the networks and arguments to `runs/{run_name}/{exp_name}.cleanrl_model` at the end (see `--eval-model`)"""
 
     # Algorithm specific arguments
     env_id: str = "coffee-push"
@@ -88,9 +92,9 @@ class Args:
     exploration: Literal["awake", "dormant", "linear"] = "awake"
     """exploration std: `awake` (DrM), `dormant` (sigmoid of the dormant ratio only), `linear` (DrQ-v2)"""
     perturb: bool = True
-    """if toggled, shrink-and-perturb the weights every `perturb-interval-steps` (DrM)"""
+    """shrink-and-perturb the weights every `perturb-interval-steps` agent steps (DrM; `--no-perturb`: never)"""
     exploit: bool = True
-    """if toggled, train the expectile value network and blend it into the TD target (DrM)"""
+    """train the expectile value network and blend it into the TD target (DrM; `--no-exploit`: lambda 0, no V)"""
     lambda_schedule: Literal["constant", "dormant"] = "constant"
     """lambda, the weight of V in the TD target: `constant` target-lambda (DrM's Meta-World agent) or
     `dormant`, drm.py's sigmoid of the dormant ratio"""
@@ -119,27 +123,27 @@ class Args:
     log_every_updates: int = 100
     """write the scalars that need a device-to-host copy every this many updates"""
 
-    # Checkpoints
+    # Run operations (the marked sections at the end of this file)
+    print_config: bool = False
+    """print the arguments the given task resolves to, and exit without building anything"""
+    eval_model: str | None = None
+    """evaluate a model saved by `--save-model` over `--num-eval-episodes` episodes, print its mean return and exit"""
     checkpoint_every_frames: int | None = None
     """write `checkpoint.pt` into the run directory at the first episode end after every this many env frames"""
     checkpoint_replay: bool = False
-    """if toggled, checkpoints include the replay buffer, so that a resumed run is exactly the uninterrupted one"""
+    """checkpoints include the replay buffer, so that a resumed run is exactly the uninterrupted one"""
     resume: str | None = None
     """continue the run whose run directory (or checkpoint file) this is, in that directory"""
-    skip_nonfinite_updates: bool = False
-    """if toggled, skip an update whose loss or Q value is NaN or infinite instead of stopping the run"""
-
-    # Speed (README, "Speed")
     compile: bool = False
-    """if toggled, torch.compile the update and acting"""
+    """torch.compile acting and the phases of the update"""
     cudagraphs: bool = False
-    """if toggled, capture the update and acting as CUDA graphs (needs a GPU and the replay in GPU memory)"""
+    """capture acting and the update as CUDA graphs (needs a GPU and the replay in GPU memory)"""
     tf32: bool = True
-    """allow TF32 tensor cores in float32 matmuls and convolutions (Ampere and newer GPUs)"""
+    """TF32 tensor cores for float32 matmuls and convolutions on Ampere and newer GPUs (`--no-tf32`: IEEE float32)"""
 
 
-# Every task runs with the official Meta-World config (REFERENCE.md sections 8 and 10.3), whose values
-# are the Args defaults above.
+# Every task runs with the official Meta-World config (XuGW-Kevin/DrM at 317116a: cfgs/task/metaworld.yaml
+# and cfgs/agent/drm_mw.yaml), whose values are the Args defaults above.
 EPISODE_FRAMES = 500  # Meta-World's max_path_length: 250 agent steps at action repeat 2, never ended early
 CAMERA = "corner4"  # the v3 models' corner4 is DrM's corner2 moved to (0.75, 0.075, 0.7)
 VIDEO_SIZE = 256  # evaluation videos are rendered larger than what the agent sees
@@ -149,13 +153,18 @@ RENDER_HELP = (
 )
 
 
+def fail(message):
+    """Stop with a one-line reason that names this script, and no traceback."""
+    sys.exit(f"{os.path.basename(__file__)}: {message}")
+
+
 def import_mujoco():
     """mujoco picks its rendering backend when imported, so it is imported here, where a missing
     backend can be explained instead of ending in a traceback."""
     try:
         import mujoco
     except Exception as error:
-        sys.exit(f"drm_metaworld.py: mujoco cannot render with MUJOCO_GL={os.environ['MUJOCO_GL']} ({error!r}). {RENDER_HELP}")
+        fail(f"mujoco cannot render with MUJOCO_GL={os.environ['MUJOCO_GL']} ({error!r}). {RENDER_HELP}")
     return mujoco
 
 
@@ -165,7 +174,7 @@ def import_metaworld():
     try:
         from metaworld.env_dict import ALL_V3_ENVIRONMENTS_GOAL_OBSERVABLE
     except ImportError as error:
-        sys.exit(f"drm_metaworld.py: the Meta-World tasks need metaworld ({error}): pip install metaworld==3.1.1")
+        fail(f"the Meta-World tasks need metaworld ({error}): pip install metaworld==3.1.1")
     suffix = "-v3-goal-observable"
     return {name.removesuffix(suffix): env_class for name, env_class in ALL_V3_ENVIRONMENTS_GOAL_OBSERVABLE.items()}
 
@@ -174,51 +183,7 @@ def make_renderer(model, size):
     try:
         return import_mujoco().Renderer(model, size, size)
     except Exception as error:
-        sys.exit(f"drm_metaworld.py: mujoco cannot render with MUJOCO_GL={os.environ['MUJOCO_GL']} ({error!r}). {RENDER_HELP}")
-
-
-def resolve_args(args: Args, valid_env_ids) -> Args:
-    """Stop with a one-line reason on an unknown task or impossible settings, before any env or network
-    is built."""
-    if args.env_id not in valid_env_ids:
-        close = difflib.get_close_matches(args.env_id, valid_env_ids, n=5, cutoff=0.5)
-        hint = f"did you mean {', '.join(close)}? " if close else ""
-        sys.exit(f"drm_metaworld.py: unknown env id {args.env_id!r}; {hint}valid ids: {', '.join(sorted(valid_env_ids))}")
-
-    episode_steps = EPISODE_FRAMES // max(args.action_repeat, 1)
-    problems = [
-        (args.total_frames <= 0, f"--total-frames must be positive (got {args.total_frames})"),
-        (args.num_seed_frames < 0, f"--num-seed-frames must be >= 0 (got {args.num_seed_frames})"),
-        (args.eval_every_frames <= 0, f"--eval-every-frames must be positive (got {args.eval_every_frames})"),
-        (args.num_eval_episodes < 0, f"--num-eval-episodes must be >= 0 (got {args.num_eval_episodes})"),
-        (args.action_repeat < 1, f"--action-repeat must be >= 1 (got {args.action_repeat})"),
-        (args.frame_stack < 1, f"--frame-stack must be >= 1 (got {args.frame_stack})"),
-        (args.batch_size <= 0, f"--batch-size must be positive (got {args.batch_size})"),
-        (args.buffer_size <= 0, f"--buffer-size must be positive (got {args.buffer_size})"),
-        (args.batch_size > args.buffer_size, f"--batch-size {args.batch_size} is larger than --buffer-size {args.buffer_size}"),
-        (args.nstep < 1, f"--nstep must be >= 1 (got {args.nstep})"),
-        (args.nstep >= episode_steps, f"--nstep {args.nstep} is not shorter than an episode ({episode_steps} agent steps)"),
-        (args.buffer_size <= args.nstep + args.frame_stack, f"--buffer-size {args.buffer_size} cannot hold one n-step window"),
-        (args.num_seed_frames // args.action_repeat <= args.nstep,
-         f"--num-seed-frames {args.num_seed_frames} leaves no complete n-step window to learn from at the first update"),
-        (args.update_every_steps < 1, f"--update-every-steps must be >= 1 (got {args.update_every_steps})"),
-        (args.perturb_interval_steps < 1, f"--perturb-interval-steps must be >= 1 (got {args.perturb_interval_steps})"),
-        (args.std_schedule_steps <= 0, f"--std-schedule-steps must be positive (got {args.std_schedule_steps})"),
-        (args.log_every_updates < 1, f"--log-every-updates must be >= 1 (got {args.log_every_updates})"),
-        (args.checkpoint_every_frames is not None and args.checkpoint_every_frames <= 0,
-         f"--checkpoint-every-frames must be positive (got {args.checkpoint_every_frames})"),
-        (args.learning_rate <= 0, f"--learning-rate must be positive (got {args.learning_rate})"),
-        (not 0 < args.gamma <= 1, f"--gamma must be in (0, 1] (got {args.gamma})"),
-        (not 0 < args.tau <= 1, f"--tau must be in (0, 1] (got {args.tau})"),
-        (not 0 < args.expectile < 1, f"--expectile must be in (0, 1) (got {args.expectile})"),
-        (not 0 <= args.min_perturb_factor <= args.max_perturb_factor <= 1,
-         f"perturb factors need 0 <= --min-perturb-factor <= --max-perturb-factor <= 1 "
-         f"(got {args.min_perturb_factor}, {args.max_perturb_factor})"),
-    ]
-    for failed, reason in problems:
-        if failed:
-            sys.exit(f"drm_metaworld.py: {reason}")
-    return args
+        fail(f"mujoco cannot render with MUJOCO_GL={os.environ['MUJOCO_GL']} ({error!r}). {RENDER_HELP}")
 
 
 class MetaWorldEnv:
@@ -280,7 +245,7 @@ class MetaWorldEnv:
         reward = 0.0
         for _ in range(self.action_repeat):
             _, env_reward, _, _, info = self.env.step(action)
-            reward += env_reward
+            reward += float(env_reward)  # Meta-World returns some rewards as numpy float32
             self.success = self.success or bool(info["success"])
             self.episode_frames += 1
             if self.episode_frames >= EPISODE_FRAMES:
@@ -308,8 +273,6 @@ class ReplayBuffer:
     start when slots k..k+n hold one episode, so windows never cross an episode end; `valid` tracks
     that as the ring is written, and sampling is uniform over valid starts."""
 
-    STORED = ("frames", "actions", "rewards", "discounts", "episode_steps", "valid")
-
     def __init__(self, capacity, frame_shape, action_dim, frame_stack, nstep, gamma, device):
         self.capacity, self.frame_stack, self.nstep, self.gamma = capacity, frame_stack, nstep, gamma
         self.device = torch.device(device)
@@ -324,6 +287,7 @@ class ReplayBuffer:
         self.retire_offsets = torch.arange(frame_stack, device=device)
         self.window_offsets = torch.arange(1, nstep + 1, device=device)
         self.pos, self.size, self.episode_step = 0, 0, 0
+        self.ready = False  # whether a complete n-step window can be sampled
 
     @staticmethod
     def nbytes(capacity, frame_shape, action_dim):
@@ -344,6 +308,7 @@ class ReplayBuffer:
         self.valid[(pos + self.retire_offsets) % self.capacity] = 0.0
         if self.episode_step >= self.nstep:
             self.valid[(pos - self.nstep) % self.capacity] = 1.0
+            self.ready = True
         self.pos = (pos + 1) % self.capacity
         self.size = min(self.size + 1, self.capacity)
 
@@ -367,45 +332,9 @@ class ReplayBuffer:
             next_obs=self._stacked_frames(window[:, -1]),
         )
 
-    def state_dict(self):
-        """The written slots and the write position. Before the ring is full only its filled front is
-        kept, which copies it once."""
-        state = {"pos": self.pos, "size": self.size, "episode_step": self.episode_step}
-        for name in self.STORED:
-            tensor = getattr(self, name)
-            state[name] = tensor if self.size == self.capacity else tensor[: self.size].clone()
-        return state
-
-    def load_state_dict(self, state):
-        for name in self.STORED:
-            getattr(self, name)[: state["size"]] = state[name]
-        self.pos, self.size, self.episode_step = state["pos"], state["size"], state["episode_step"]
-
     def sample(self, batch_size, device):
         starts = torch.multinomial(self.valid, batch_size, replacement=True)
         return Batch(*(x.to(device, non_blocking=True) for x in self.gather(starts)))
-
-
-def available_host_memory():
-    try:
-        with open("/proc/meminfo") as meminfo:
-            fields = dict(line.split(":", 1) for line in meminfo)
-        return int(fields["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def replay_device(nbytes, device, headroom=2 * 1024**3):
-    """Keep the replay on the GPU when it fits in free GPU memory (sampling is then pure device
-    indexing), else in host memory; stop before training if it fits in neither."""
-    if device.type == "cuda" and torch.cuda.mem_get_info(device)[0] > nbytes + headroom:
-        return device
-    if available_host_memory() > nbytes + headroom:
-        return torch.device("cpu")
-    sys.exit(
-        f"drm_metaworld.py: the replay buffer needs {nbytes / 1e9:.1f} GB, more than the free "
-        f"{'GPU or ' if device.type == 'cuda' else ''}host memory; lower --buffer-size"
-    )
 
 
 # ALGO LOGIC: networks
@@ -438,6 +367,16 @@ def trunk(repr_dim, feature_dim):
     return nn.Sequential(nn.Linear(repr_dim, feature_dim), nn.LayerNorm(feature_dim), nn.Tanh())
 
 
+def mlp(in_dim, hidden_dim, out_dim):
+    # In-place ReLUs as in the official code: they overwrite the hooked Linear outputs, which makes
+    # `dormant_ratio` score hidden units after the ReLU.
+    return nn.Sequential(
+        nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True),
+        nn.Linear(hidden_dim, hidden_dim), nn.ReLU(inplace=True),
+        nn.Linear(hidden_dim, out_dim),
+    )  # fmt: skip
+
+
 def critic_head(in_dim, hidden_dim, dropout):
     # DrM's Meta-World critic (DroQ-style): dropout, then LayerNorm, after each hidden Linear. Dropout
     # is active in every critic call, the target critic's included, as in the official code.
@@ -445,16 +384,6 @@ def critic_head(in_dim, hidden_dim, dropout):
         nn.Linear(in_dim, hidden_dim), nn.Dropout(dropout), nn.LayerNorm(hidden_dim), nn.ReLU(inplace=True),
         nn.Linear(hidden_dim, hidden_dim), nn.Dropout(dropout), nn.LayerNorm(hidden_dim), nn.ReLU(inplace=True),
         nn.Linear(hidden_dim, 1),
-    )  # fmt: skip
-
-
-def mlp(in_dim, hidden_dim, out_dim):
-    # In-place ReLUs as in the official code: they overwrite the hooked Linear outputs, which makes
-    # `dormant_ratio` score hidden units after the ReLU (README, implementation detail 2).
-    return nn.Sequential(
-        nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True),
-        nn.Linear(hidden_dim, hidden_dim), nn.ReLU(inplace=True),
-        nn.Linear(hidden_dim, out_dim),
     )  # fmt: skip
 
 
@@ -499,6 +428,31 @@ class ValueNetwork(nn.Module):
         return self.v(self.trunk(features))
 
 
+class Networks(NamedTuple):
+    encoder: Encoder  # shared by all, trained through the critic loss only
+    actor: Actor
+    critic: Critic
+    critic_target: Critic  # a Polyak average of the critic; it has no optimizer
+    value: ValueNetwork
+
+
+def make_networks(obs_shape, action_dim, args, device):
+    encoder = Encoder(obs_shape).to(device)
+    actor = Actor(encoder.repr_dim, action_dim, args.feature_dim, args.hidden_dim).to(device)
+    critic = Critic(encoder.repr_dim, action_dim, args.feature_dim, args.hidden_dim, args.critic_dropout).to(device)
+    critic_target = Critic(encoder.repr_dim, action_dim, args.feature_dim, args.hidden_dim, args.critic_dropout).to(device)
+    critic_target.load_state_dict(critic.state_dict())
+    value = ValueNetwork(encoder.repr_dim, args.feature_dim, args.hidden_dim).to(device)
+    return Networks(encoder, actor, critic, critic_target, value)
+
+
+def make_optimizers(networks, learning_rate, capturable=False):
+    """One Adam per trained network (the target critic has none). Fused: one kernel per step;
+    capturable: its step counts stay on the device, as CUDA graphs need."""
+    adam = dict(lr=learning_rate, fused=True, capturable=capturable)
+    return {name: torch.optim.Adam(getattr(networks, name).parameters(), **adam) for name in ("encoder", "actor", "critic", "value")}
+
+
 # ALGO LOGIC: DrQ-v2 pieces
 def random_shift(images, pad=4, shifts=None):
     """Replicate-pad by `pad` and crop back at a random integer offset in [0, 2 * pad] per sample and
@@ -525,8 +479,8 @@ def sample_action(mean, std, clip=None):
 
 
 def linear_schedule(start, end, duration, step):
-    mix = min(max(step / duration, 0.0), 1.0) if not torch.is_tensor(step) else (step / duration).clamp(0.0, 1.0)
-    return start + (end - start) * mix
+    """DrQ-v2's linear(start, end, duration) at the agent step `step` (a tensor)."""
+    return start + (end - start) * (step / duration).clamp(0.0, 1.0)
 
 
 def expectile_loss(diff, expectile):
@@ -535,47 +489,28 @@ def expectile_loss(diff, expectile):
     return (weight * diff.pow(2)).mean()
 
 
-# ALGO LOGIC: DrM pieces
-def _sigmoid(x):
-    return torch.sigmoid(x) if torch.is_tensor(x) else 1.0 / (1.0 + math.exp(-x))
-
-
-def _keep_output(linear, _inputs, output):
-    if linear.recorded is not None:
-        linear.recorded.append(output)
-
-
-def record_linear_outputs(model):
-    """Give every nn.Linear of `model` a forward hook that keeps its output while `dormant_ratio`
-    asks for it. Installed once, when the networks are built: a hook added inside a compiled
-    function would split the compiled graph."""
-    for module in model.modules():
-        if isinstance(module, nn.Linear) and not hasattr(module, "recorded"):
-            module.recorded = None
-            module.register_forward_hook(_keep_output)
-    return model
-
-
+# ALGO LOGIC: DrM pieces. β is the actor's dormant ratio; like the awaken step (-1 until the agent
+# awakens) and the agent step, it is a device tensor, so these decisions never wait for the host.
 def dormant_ratio(model, *inputs, threshold=0.025):
     """Share of dormant neurons over every nn.Linear of `model` run on `inputs`: a neuron is dormant
     when its mean |output| over the batch is below `threshold` times its layer's mean. Returns a 0-d
-    tensor, so calling it costs no host sync. The outputs are read after the forward pass, so a
-    Linear followed by an in-place ReLU is scored after that ReLU, as in the official code."""
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not all(hasattr(m, "recorded") for m in linears):
-        raise ValueError("dormant_ratio: call record_linear_outputs(model) once before")
+    tensor. As in the official code, each Linear's output is read after the whole forward pass, so a
+    Linear followed by an in-place ReLU is scored after that ReLU."""
     outputs = []
-    for linear in linears:
-        linear.recorded = outputs
+    hooks = [
+        module.register_forward_hook(lambda _module, _inputs, output: outputs.append(output))
+        for module in model.modules()
+        if isinstance(module, nn.Linear)
+    ]
     try:
         with torch.no_grad():
             model(*inputs)
     finally:
-        for linear in linears:
-            linear.recorded = None
+        for hook in hooks:
+            hook.remove()
     dormant, total = 0, 0
-    for out in outputs:
-        score = out.abs().flatten(0, -2).mean(0)
+    for output in outputs:
+        score = output.abs().flatten(0, -2).mean(0)
         dormant = dormant + (score < threshold * score.mean()).sum()
         total += score.numel()
     return dormant / total
@@ -598,55 +533,558 @@ def perturb(model, optimizer, factor):
             tensor.zero_()
 
 
-def perturb_factor(dormant_ratio, min_factor=0.2, max_factor=1.0, rate=2.0):
-    """Share of the old weights kept: clip(1 - rate * dormant_ratio, min_factor, max_factor)."""
-    factor = 1.0 - rate * dormant_ratio
-    if torch.is_tensor(factor):
-        return factor.clamp(min=min_factor).clamp(max=max_factor)
-    return min(max(min_factor, factor), max_factor)
+def perturb_factor(args, beta):
+    """Share of the old weights a perturbation keeps: clip(1 - perturb_rate * β, min, max)."""
+    return (1.0 - args.perturb_rate * beta).clamp(min=args.min_perturb_factor).clamp(max=args.max_perturb_factor)
 
 
-def dormant_std(dormant_ratio, target_ratio=0.2, temperature=10.0):
-    """Exploration std from the dormant ratio: sigmoid(temperature * (ratio - target_ratio))."""
-    return _sigmoid(temperature * (dormant_ratio - target_ratio))
+def perturb_agent(networks, optimizers, factor):
+    """DrM's periodic perturbation, in the official order. The target critic gets its own fresh draw
+    (it is not re-synchronised with the critic); it has no optimizer, so the critic's Adam state is
+    wiped a second time, as in the official code. The encoder has no Linear layer: only its Adam
+    state is wiped."""
+    perturb(networks.actor, optimizers["actor"], factor)
+    perturb(networks.critic, optimizers["critic"], factor)
+    perturb(networks.critic_target, optimizers["critic"], factor)
+    perturb(networks.encoder, optimizers["encoder"], factor)
+    perturb(networks.value, optimizers["value"], factor)
 
 
-def exploitation_lambda(dormant_ratio, target_lambda=0.6, target_ratio=0.2, temperature=50.0):
-    """Weight of V(s') in the TD target: target_lambda / (1 + exp(temperature * (ratio - target_ratio)))."""
-    return target_lambda * _sigmoid(-temperature * (dormant_ratio - target_ratio))
+def awaken_step_after(args, step, beta, awaken_step):
+    """The awaken step after an update at agent step `step` whose batch had dormant ratio β. With
+    awake exploration the agent awakens once, at the first update whose β is below
+    target_dormant_ratio (unlike drm.py, the very first update may awaken it, as in the official
+    Meta-World agent); -1 until then, and always with the other explorations."""
+    if args.exploration != "awake":
+        return awaken_step
+    awakens = (awaken_step < 0) & (beta < args.target_dormant_ratio)
+    return torch.where(awakens, step, awaken_step)
+
+
+def exploration_std(args, step, beta, awaken_step):
+    """The exploration std at agent step `step`. `linear`: DrQ-v2's schedule. `dormant`: the more
+    dormant the actor, the more noise, sigmoid(dormant_temp * (β - target_dormant_ratio)). `awake`
+    (DrM): that sigmoid until the agent awakens, then the larger of it and the linear schedule
+    restarted at the awaken step."""
+    linear = linear_schedule(args.std_init, args.std_final, args.std_schedule_steps, step)
+    if args.exploration == "linear":
+        return linear
+    std = torch.sigmoid(args.dormant_temp * (beta - args.target_dormant_ratio))
+    if args.exploration == "awake":
+        since_awake = linear_schedule(args.std_init, args.std_final, args.std_schedule_steps, step - awaken_step)
+        std = torch.where(awaken_step >= 0, torch.maximum(std, since_awake), std)
+    return std
+
+
+def exploitation_lambda(args, beta):
+    """λ, the weight of V(s') in the TD target: the constant target_lambda (DrM's Meta-World agent), or
+    with `--lambda-schedule dormant` target_lambda / (1 + exp(lambda_temp * (β - target_dormant_ratio))),
+    high once the actor is active; 0 without exploitation."""
+    if not args.exploit:
+        return torch.zeros_like(beta)
+    if args.lambda_schedule == "constant":
+        return torch.full_like(beta, args.target_lambda)
+    return args.target_lambda * torch.sigmoid(-args.lambda_temp * (beta - args.target_dormant_ratio))
+
+
+def td_target(reward, discount, next_q, next_value, lam):
+    """DrM's n-step target R + γⁿ (λ V(s') + (1 - λ) min Q_target(s', a')); with λ = 0 it is DrQ-v2's."""
+    return reward + discount * (lam * next_value + (1.0 - lam) * next_q)
 
 
 @torch.no_grad()
-def evaluate(env, encoder, actor, num_episodes, device, video_path=None):
-    """Mean return and success rate over `num_episodes` with the mean action; the first episode is
-    saved to `video_path` (mp4) when given."""
-    returns, successes, video = [], [], []
+def act(networks, obs, std):
+    """An exploration action for one observation: the policy mean plus Gaussian noise (no clip)."""
+    return sample_action(networks.actor(networks.encoder(obs.unsqueeze(0))), std)[0]
+
+
+# ALGO LOGIC: one update, in phases of one backward pass each (--compile compiles each phase whole)
+def encode(networks, batch):
+    """The batch's observations augmented and encoded (with gradient), and its next observations
+    (without): each gets its own random shift."""
+    features = networks.encoder(random_shift(batch.obs.float()))
+    with torch.no_grad():
+        next_features = networks.encoder(random_shift(batch.next_obs.float()))
+    return features, next_features
+
+
+def update_value(networks, optimizers, features, batch, args):
+    # expectile regression on the online critic's min(Q1, Q2) of the replay actions
+    with torch.no_grad():
+        q_replay = torch.min(*networks.critic(features, batch.action))
+    value_loss = expectile_loss(networks.value(features) - q_replay, args.expectile)
+    optimizers["value"].zero_grad(set_to_none=True)
+    value_loss.backward()
+    optimizers["value"].step()
+    return value_loss.detach()
+
+
+def update_critic(networks, optimizers, features, next_features, batch, std, lam, args):
+    # critic and encoder: the n-step TD target blends the target critic and V(s') by λ
+    with torch.no_grad():
+        next_action = sample_action(networks.actor(next_features), std, args.std_clip)
+        next_q = torch.min(*networks.critic_target(next_features, next_action))
+        next_value = networks.value(next_features) if args.exploit else torch.zeros_like(next_q)
+        target = td_target(batch.reward, batch.discount, next_q, next_value, lam)
+    qf1_values, qf2_values = networks.critic(features, batch.action)
+    qf_loss = F.mse_loss(qf1_values, target) + F.mse_loss(qf2_values, target)
+    optimizers["encoder"].zero_grad(set_to_none=True)
+    optimizers["critic"].zero_grad(set_to_none=True)
+    qf_loss.backward()
+    optimizers["critic"].step()
+    optimizers["encoder"].step()
+    return qf1_values.detach().mean(), qf2_values.detach().mean(), qf_loss.detach()
+
+
+def update_actor(networks, optimizers, features, std, args):
+    # actor: maximise min(Q1, Q2) of the just-updated critic; then the target critic follows the critic
+    policy_action = sample_action(networks.actor(features), std, args.std_clip)
+    actor_loss = -torch.min(*networks.critic(features, policy_action)).mean()
+    optimizers["actor"].zero_grad(set_to_none=True)
+    actor_loss.backward()
+    optimizers["actor"].step()
+    with torch.no_grad():
+        for param, target_param in zip(networks.critic.parameters(), networks.critic_target.parameters(), strict=True):
+            target_param.lerp_(param, args.tau)
+    return actor_loss.detach()
+
+
+def update(networks, optimizers, batch, step, beta, awaken_step, args):
+    """One DrM update at agent step `step` on a replay batch; β and the awaken step are updated in
+    place. Returns the metrics (device tensors: nothing here waits for the host) and the batch's
+    encoded observations."""
+    features, next_features = encode(networks, batch)
+    features_only = features.detach()  # V and the actor train on the features, not the encoder
+    # the actor's dormant ratio on this batch may awaken the agent, and sets the noise and λ
+    beta.copy_(dormant_ratio(networks.actor, features_only, threshold=args.dormant_threshold))
+    awaken_step.copy_(awaken_step_after(args, step, beta, awaken_step))
+    std = exploration_std(args, step, beta, awaken_step)
+    lam = exploitation_lambda(args, beta)
+    metrics = {}
+    if args.exploit:
+        metrics["losses/value_loss"] = update_value(networks, optimizers, features_only, batch, args)
+    qf1_mean, qf2_mean, qf_loss = update_critic(networks, optimizers, features, next_features, batch, std, lam, args)
+    actor_loss = update_actor(networks, optimizers, features_only, std, args)
+    metrics.update({
+        "losses/qf1_values": qf1_mean,
+        "losses/qf2_values": qf2_mean,
+        "losses/qf_loss": qf_loss,
+        "losses/actor_loss": actor_loss,
+        "charts/dormant_ratio": beta,
+        "charts/exploration_std": std,
+        "charts/lambda": lam,
+        "charts/awaken_step": awaken_step,
+    })  # fmt: skip
+    return metrics, features_only
+
+
+def video_due(evaluation):
+    """Whether the evaluation numbered `evaluation` (0, 1, 2, ...) records a video: the perfect cubes
+    below 1000, then every 1000th (CleanRL's capped cubic schedule), so a 30M-frame run with 3,010
+    evaluations keeps 13 videos."""
+    if evaluation < 1000:
+        return round(evaluation ** (1 / 3)) ** 3 == evaluation
+    return evaluation % 1000 == 0
+
+
+@torch.no_grad()
+def evaluate(env, networks, num_episodes, device, video_path=None):
+    """(Mean return, success rate) over `num_episodes` with the mean action. With `video_path`, the
+    first episode is streamed into that mp4 frame by frame."""
+    returns, successes, video = [], [], None
+    if video_path:
+        os.makedirs(os.path.dirname(video_path), exist_ok=True)
+        video = imageio.v2.get_writer(video_path, fps=30)
     for episode in range(num_episodes):
         obs, last, episode_return = env.reset(), False, 0.0
         while not last:
-            if video_path and episode == 0:
-                video.append(env.render(VIDEO_SIZE))
-            features = encoder(torch.as_tensor(obs, device=device).unsqueeze(0))
-            obs, reward, _, last = env.step(actor(features)[0].cpu().numpy())
+            if video is not None and episode == 0:
+                video.append_data(env.render(VIDEO_SIZE))
+            features = networks.encoder(torch.as_tensor(obs, device=device).unsqueeze(0))
+            obs, reward, _, last = env.step(networks.actor(features)[0].cpu().numpy())
             episode_return += reward
         returns.append(episode_return)
         successes.append(env.success)
-    if video:
-        os.makedirs(os.path.dirname(video_path), exist_ok=True)
-        imageio.mimsave(video_path, video, fps=30)
+    if video is not None:
+        video.close()
     if not returns:
         return float("nan"), float("nan")
     return float(np.mean(returns)), float(np.mean(successes))
 
 
-# Checkpoints
+def main():
+    # arguments with their presets, checked; --eval-model, --print-config and --resume (RUN OPERATIONS)
+    args, checkpoint, run_dir = parse_args()
+    run_name = os.path.basename(run_dir)
+
+    # TRY NOT TO MODIFY: seeding and device
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    torch.backends.cudnn.benchmark = not args.torch_deterministic
+    torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = "tf32" if args.tf32 else "ieee"
+    if args.cuda and not torch.cuda.is_available():
+        print("--cuda: no CUDA device is available, running on the CPU")
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    if args.cudagraphs and device.type != "cuda":
+        fail("--cudagraphs needs a CUDA GPU and --cuda")
+
+    # env setup: the eval env draws its goals from its own generator (seed + 1), so evaluation does not
+    # replay the training episodes' goals
+    env = make_env(args.env_id, args.seed, args.action_repeat, args.frame_stack, args.shadow_size)
+    eval_env = make_env(args.env_id, args.seed + 1, args.action_repeat, args.frame_stack, args.shadow_size)
+    obs_shape, action_dim = env.observation_shape, env.action_dim
+    frame_shape = (3, *obs_shape[1:])
+
+    nbytes = ReplayBuffer.nbytes(args.buffer_size, frame_shape, action_dim)
+    storage = replay_device(nbytes, device)
+    print(f"replay: {args.buffer_size:,} transitions, {nbytes / 1e9:.1f} GB on {storage.type}")
+    if args.cudagraphs and storage != device:
+        fail("--cudagraphs samples the replay inside the graph, so it must fit in GPU memory; lower --buffer-size")
+    rb = ReplayBuffer(args.buffer_size, frame_shape, action_dim, args.frame_stack, args.nstep, args.gamma, storage)
+
+    if args.track:
+        import wandb
+
+        wandb.init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            sync_tensorboard=True,
+            config=vars(args),
+            name=run_name,
+            save_code=True,
+        )
+    # a resumed run appends to its event files; purge_step hides what a killed run logged after the
+    # checkpoint's frame (what it logged at that very frame stays: its last episode's scalars)
+    writer = SummaryWriter(run_dir, purge_step=checkpoint["next_step"] * args.action_repeat + 1 if checkpoint else None)
+    if checkpoint is None:
+        table_rows = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
+        writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table_rows}")
+
+    # ALGO LOGIC: initialize agent here
+    networks = make_networks(obs_shape, action_dim, args, device)
+    optimizers = make_optimizers(networks, args.learning_rate, capturable=args.cudagraphs)
+    # DrM's state, changed in place only, so that compiled code and CUDA graphs read the current values
+    beta = torch.tensor(1.0, device=device)  # the actor's dormant ratio at the last update (1.0 before any)
+    awaken_step = torch.tensor(-1, device=device)  # the agent step of awakening, -1 until then
+    step_tensor = torch.tensor(0, device=device)  # the agent step, as the schedules read it
+
+    def policy(obs, step):
+        return act(networks, obs, exploration_std(args, step, beta, awaken_step))
+
+    def learn(step):
+        batch = rb.sample(args.batch_size, device)
+        metrics, features = update(networks, optimizers, batch, step, beta, awaken_step, args)
+        return metrics, features, batch
+
+    if args.compile:
+        compile_acting_and_update()
+    if args.cudagraphs:
+        policy, learn = CudaGraphed(policy), CudaGraphed(learn)
+    update_timer = UpdateTimer(device)
+
+    total_steps = args.total_frames // args.action_repeat
+    num_seed_steps = args.num_seed_frames // args.action_repeat
+    eval_every_steps = max(args.eval_every_frames // args.action_repeat, 1)
+    start_step, episode_count = 0, 0
+    recent_successes = deque(maxlen=10)  # training episodes behind charts/success_rate
+    if checkpoint is not None:
+        start_step, episode_count = restore_run_state(
+            checkpoint, networks, optimizers, beta, awaken_step, recent_successes, (env, eval_env), rb, device
+        )
+        del checkpoint  # its replay copy would double the buffer's memory
+    checkpoints = Checkpoints(run_dir, args.checkpoint_every_frames, start_step * args.action_repeat)
+    metrics, episode_return, episode_actions = {}, 0.0, []  # episode_actions: behind charts/action_*
+    start_time = time.time()
+
+    # TRY NOT TO MODIFY: start the game
+    obs = env.reset()
+    obs_device = torch.as_tensor(obs, device=device)  # the step's one host-to-device copy of its frames
+    rb.add(obs_device[-3:], np.zeros(action_dim, np.float32), 0.0, 1.0, first=True)
+    for step in range(start_step, total_steps):
+        global_step = step * args.action_repeat
+
+        if step % eval_every_steps == 0 and args.num_eval_episodes > 0:
+            recorded = args.capture_video and video_due(step // eval_every_steps)
+            video_path = f"videos/{run_name}/{global_step}.mp4" if recorded else None
+            eval_return, eval_success = evaluate(eval_env, networks, args.num_eval_episodes, device, video_path)
+            print(
+                f"global_step={global_step}, eval/episodic_return={eval_return:.1f}, eval/success_rate={eval_success:.2f}",
+                flush=True,
+            )  # fmt: skip
+            writer.add_scalar("eval/episodic_return", eval_return, global_step)
+            writer.add_scalar("eval/success_rate", eval_success, global_step)
+
+        # ALGO LOGIC: put action logic here
+        step_tensor.fill_(step)
+        if step < num_seed_steps:
+            action = np.random.uniform(-1.0, 1.0, action_dim).astype(np.float32)
+        else:
+            action = policy(obs_device, step_tensor).cpu().numpy()
+
+        # ALGO LOGIC: training, queued on the device before the env step so that the two run side by side
+        updating = step >= num_seed_steps and step % args.update_every_steps == 0 and rb.ready
+        if updating:
+            if args.perturb and step % args.perturb_interval_steps == 0:
+                factor = perturb_factor(args, beta)
+                perturb_agent(networks, optimizers, factor)
+                writer.add_scalar("charts/perturb_factor", factor.item(), global_step)
+            update_timer.start()
+            metrics, features, batch = learn(step_tensor)
+            update_timer.stop()
+
+        # TRY NOT TO MODIFY: execute the game and log data
+        obs, reward, discount, last = env.step(action)
+        obs_device = torch.as_tensor(obs, device=device)
+        rb.add(obs_device[-3:], action, reward, discount, first=False)
+
+        # the update has had the env step's time to finish: reading its results now costs no wait
+        if updating and (step // args.update_every_steps) % args.log_every_updates == 0:
+            logged = {tag: float(value) for tag, value in metrics.items()}
+            # diagnostics beside the actor's dormant ratio, on the update's batch: the critic's and V's
+            logged["charts/dormant_ratio_critic"] = dormant_ratio(networks.critic, features, batch.action, threshold=args.dormant_threshold)
+            if args.exploit:
+                logged["charts/dormant_ratio_value"] = dormant_ratio(networks.value, features, threshold=args.dormant_threshold)
+            logged["perf/update_ms"] = update_timer.milliseconds()
+            stop_if_nonfinite(logged, global_step, checkpoints)
+            for tag, value in logged.items():
+                writer.add_scalar(tag, float(value), global_step)
+        episode_return += reward
+        episode_actions.append(action)
+        if last:
+            episode_count += 1
+            recent_successes.append(env.success)
+            frames_done = (step + 1) * args.action_repeat
+            sps = int((step + 1 - start_step) * args.action_repeat / (time.time() - start_time))
+            print(
+                f"global_step={frames_done}, episode={episode_count}, episodic_return={episode_return:.1f}, "
+                f"success={env.success}, SPS={sps}", flush=True,
+            )  # fmt: skip
+            writer.add_scalar("charts/episodic_return", episode_return, frames_done)
+            writer.add_scalar("charts/episodic_length", len(episode_actions) * args.action_repeat, frames_done)
+            writer.add_scalar("charts/success_rate", np.mean(recent_successes), frames_done)
+            writer.add_scalar("charts/SPS", sps, frames_done)
+            # motor activity, to set beside the dormant ratio: mean |a| and mean |a_t - a_(t-1)|
+            actions = np.stack(episode_actions)
+            writer.add_scalar("charts/action_magnitude", np.abs(actions).mean(), frames_done)
+            writer.add_scalar("charts/action_change", np.abs(np.diff(actions, axis=0)).mean(), frames_done)
+            # checkpoints sit between episodes: a resumed run starts the next episode as this run would
+            if checkpoints.due(frames_done):
+                stop_if_nonfinite(metrics, global_step, checkpoints)  # never checkpoint a broken state
+                checkpoints.save(
+                    run_state(args, step + 1, episode_count, networks, optimizers, beta, awaken_step, recent_successes, (env, eval_env), rb, device),
+                    writer,
+                )
+            obs, episode_return, episode_actions = env.reset(), 0.0, []
+            obs_device = torch.as_tensor(obs, device=device)
+            rb.add(obs_device[-3:], np.zeros(action_dim, np.float32), 0.0, 1.0, first=True)
+
+    if args.save_model:
+        model_path = f"{run_dir}/{args.exp_name}.cleanrl_model"
+        torch.save({name: network.state_dict() for name, network in networks._asdict().items()} | {"args": vars(args)}, model_path)
+        print(f"model saved to {model_path}")
+
+    writer.close()
+    env.close()
+    eval_env.close()
+
+
+# ======================================================================================================
+# RUN OPERATIONS: arguments. Their checks, --print-config, --eval-model and --resume; nothing here changes
+# what the agent learns, and a reader may skip this section.
+# ======================================================================================================
+POSITIVE = ("must be positive", lambda value: value > 0)
+NON_NEGATIVE = ("must be >= 0", lambda value: value >= 0)
+FRACTION = ("must be in [0, 1]", lambda value: 0 <= value <= 1)
+OPEN_FRACTION = ("must be in (0, 1)", lambda value: 0 < value < 1)
+DISCOUNT = ("must be in (0, 1]", lambda value: 0 < value <= 1)
+SEED = ("must be in [0, 2**32)", lambda value: 0 <= value < 2**32)  # numpy's seed range
+# every numeric flag and what it must be (a flag left None, with no preset, is not checked)
+FLAG_RULES = {
+    **dict.fromkeys(["total_frames", "eval_every_frames", "action_repeat", "frame_stack", "buffer_size", "batch_size",
+                     "learning_rate", "feature_dim", "hidden_dim", "nstep", "update_every_steps", "std_schedule_steps",
+                     "dormant_temp", "lambda_temp", "perturb_interval_steps", "log_every_updates",
+                     "checkpoint_every_frames"], POSITIVE),
+    **dict.fromkeys(["num_seed_frames", "num_eval_episodes", "std_init", "std_final", "std_clip", "perturb_rate"], NON_NEGATIVE),
+    **dict.fromkeys(["dormant_threshold", "target_dormant_ratio", "target_lambda", "min_perturb_factor",
+                     "max_perturb_factor"], FRACTION),
+    **dict.fromkeys(["gamma", "tau"], DISCOUNT),
+    "critic_dropout": ("must be in [0, 1)", lambda value: 0 <= value < 1),
+    "shadow_size": POSITIVE,
+    "expectile": OPEN_FRACTION,
+    "seed": SEED,
+}  # fmt: skip
+
+
+def resolve_args(args: Args, valid_env_ids) -> Args:
+    """Stop with a one-line reason on an unknown task or an impossible setting, before any env or
+    network is built."""
+    if args.env_id not in valid_env_ids:
+        close = difflib.get_close_matches(args.env_id, valid_env_ids, n=5, cutoff=0.5)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        fail(f"unknown env id {args.env_id!r}; {hint}valid ids: {', '.join(sorted(valid_env_ids))}")
+    for name, (requirement, holds) in FLAG_RULES.items():
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and holds(value)):
+            fail(f"--{name.replace('_', '-')} {requirement} (got {value})")
+    episode_steps = EPISODE_FRAMES // args.action_repeat
+    relations = [
+        (args.batch_size > args.buffer_size, f"--batch-size {args.batch_size} is larger than --buffer-size {args.buffer_size}"),
+        (args.nstep >= episode_steps, f"--nstep {args.nstep} is not shorter than an episode ({episode_steps} agent steps)"),
+        (args.buffer_size <= args.nstep + args.frame_stack, f"--buffer-size {args.buffer_size} cannot hold one n-step window"),
+        (args.num_seed_frames // args.action_repeat <= args.nstep,
+         f"--num-seed-frames {args.num_seed_frames} leaves no complete n-step window to learn from at the first update"),
+        (args.min_perturb_factor > args.max_perturb_factor,
+         f"--min-perturb-factor {args.min_perturb_factor} is above --max-perturb-factor {args.max_perturb_factor}"),
+    ]  # fmt: skip
+    for failed, reason in relations:
+        if failed:
+            fail(reason)
+    return args
+
+
+def parse_args():
+    """(arguments, checkpoint or None, run directory) of the run to start or resume. With --resume the
+    checkpoint's arguments are the defaults and the flags given now may change only what does not
+    change the run. --eval-model and --print-config do their work here and exit."""
+    args = tyro.cli(Args)
+    if args.eval_model:
+        evaluate_saved_model(args)
+        sys.exit(0)
+    checkpoint = None
+    if args.resume:
+        checkpoint, checkpoint_path = load_checkpoint(args.resume)
+        args = tyro.cli(Args, default=Args(**{**checkpoint["args"], "resume": args.resume}))
+    args = resolve_args(args, list(import_metaworld()))
+    if checkpoint is not None:
+        changed = [
+            f"--{key.replace('_', '-')} {value} (checkpoint: {checkpoint['args'].get(key)})"
+            for key, value in vars(args).items()
+            if key not in RESUMABLE_CHANGES and checkpoint["args"].get(key) != value
+        ]
+        if changed:
+            fail(f"--resume continues the same run, but these arguments differ: {'; '.join(changed)}")
+    print("resolved arguments:\n" + "\n".join(f"  {key}: {value}" for key, value in vars(args).items()))
+    if args.print_config:
+        sys.exit(0)
+    if args.track and importlib.util.find_spec("wandb") is None:
+        fail("--track needs Weights & Biases: pip install wandb")
+    if checkpoint is not None:
+        return args, checkpoint, os.path.dirname(checkpoint_path)
+    return args, None, f"runs/{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+
+
+def evaluate_saved_model(args):
+    """--eval-model: rebuild the agent that a `--save-model` file holds and evaluate it as the run did,
+    on a fresh eval env; prints the mean return."""
+    if not os.path.isfile(args.eval_model):
+        fail(f"--eval-model: no file at {args.eval_model}")
+    if args.num_eval_episodes < 1:
+        fail(f"--num-eval-episodes must be positive with --eval-model (got {args.num_eval_episodes})")
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    try:
+        saved = torch.load(args.eval_model, map_location=device, weights_only=False)
+        saved_args = Args(**saved["args"])
+    except Exception as error:
+        fail(f"--eval-model: {args.eval_model} is not a model saved by --save-model ({type(error).__name__})")
+    env = make_env(saved_args.env_id, saved_args.seed + 1, saved_args.action_repeat, saved_args.frame_stack, saved_args.shadow_size)
+    networks = make_networks(env.observation_shape, env.action_dim, saved_args, device)
+    for name, network in networks._asdict().items():
+        network.load_state_dict(saved[name])
+    run_name = os.path.basename(os.path.dirname(os.path.abspath(args.eval_model)))
+    video_path = f"videos/{run_name}-eval/{saved_args.exp_name}.mp4" if args.capture_video else None
+    eval_return, eval_success = evaluate(env, networks, args.num_eval_episodes, device, video_path)
+    print(
+        f"{args.eval_model}: eval/episodic_return={eval_return:.1f}, eval/success_rate={eval_success:.2f} "
+        f"over {args.num_eval_episodes} episodes"
+    )  # fmt: skip
+    env.close()
+
+
+# ======================================================================================================
+# RUN OPERATIONS: checkpoints, resumption, signals and the non-finite-loss stop. Nothing here changes
+# what the agent learns; a reader may skip this section.
+# ======================================================================================================
 CHECKPOINT_NAME = "checkpoint.pt"
-CHECKPOINT_KEYS = {"args", "run_name", "next_step", "counters", "networks", "optimizers", "rng", "envs", "replay"}
+CHECKPOINT_KEYS = {"args", "next_step", "episode_count", "recent_successes", "drm_state", "networks", "optimizers", "rng", "envs", "replay"}
+REPLAY_FIELDS = ("frames", "actions", "rewards", "discounts", "episode_steps", "valid")
 # arguments that change nothing the agent does, and so may differ from the checkpoint's on --resume
 RESUMABLE_CHANGES = {
     "resume", "total_frames", "track", "wandb_project_name", "wandb_entity", "capture_video", "save_model",
-    "checkpoint_every_frames", "checkpoint_replay", "compile", "cudagraphs",
+    "print_config", "checkpoint_every_frames", "checkpoint_replay", "compile", "cudagraphs",
 }  # fmt: skip
+
+
+def load_checkpoint(path):
+    """(checkpoint, its path) for a run directory or a checkpoint file; stops with the reason if it
+    cannot be read. Checkpoints hold pickled RNG states: load only checkpoints you wrote."""
+    if os.path.isdir(path):
+        path = os.path.join(path, CHECKPOINT_NAME)
+    if not os.path.isfile(path):
+        fail(f"--resume: no checkpoint at {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:
+        reason = f"{type(error).__name__}: {str(error).split('. ')[0]}"
+        fail(f"--resume: {path} is truncated or corrupt ({reason}); resume from another copy or start a new run")
+    if not isinstance(checkpoint, dict) or not CHECKPOINT_KEYS <= set(checkpoint):
+        fail(f"--resume: {path} is not a {os.path.basename(__file__)} checkpoint")
+    return checkpoint, path
+
+
+def run_state(args, next_step, episode_count, networks, optimizers, beta, awaken_step, recent_successes, envs, rb, device):
+    """Everything the run needs to go on from agent step `next_step` at the start of a new episode. A
+    replay that is not full is kept up to its fill level, which copies that part once."""
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    replay = None
+    if args.checkpoint_replay:
+        replay = {"pos": rb.pos, "size": rb.size, "episode_step": rb.episode_step, "ready": rb.ready}
+        for field in REPLAY_FIELDS:
+            tensor = getattr(rb, field)
+            replay[field] = tensor if rb.size == rb.capacity else tensor[: rb.size].clone()
+    return {
+        "args": vars(args),
+        "next_step": next_step,
+        "episode_count": episode_count,
+        "recent_successes": list(recent_successes),
+        "drm_state": {"beta": beta, "awaken_step": awaken_step},
+        "networks": {name: network.state_dict() for name, network in networks._asdict().items()},
+        "optimizers": {name: optimizer.state_dict() for name, optimizer in optimizers.items()},
+        "rng": rng,
+        "envs": [env.rng_state() for env in envs],
+        "replay": replay,
+    }
+
+
+def restore_run_state(checkpoint, networks, optimizers, beta, awaken_step, recent_successes, envs, rb, device):
+    """Load a `run_state` checkpoint into the run; returns (the agent step to go on from, episodes so
+    far). Without its replay, the buffer starts empty and updates wait for a complete n-step window."""
+    for name, network in networks._asdict().items():
+        network.load_state_dict(checkpoint["networks"][name])
+    for name, optimizer in optimizers.items():
+        optimizer.load_state_dict(checkpoint["optimizers"][name])
+    beta.copy_(checkpoint["drm_state"]["beta"])
+    awaken_step.copy_(checkpoint["drm_state"]["awaken_step"])
+    recent_successes.extend(checkpoint["recent_successes"])
+    rng = checkpoint["rng"]
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if device.type == "cuda" and "cuda" in rng:
+        torch.cuda.set_rng_state(rng["cuda"], device)
+    for env, state in zip(envs, checkpoint["envs"], strict=True):
+        env.set_rng_state(state)
+    replay = checkpoint["replay"]
+    if replay is not None:
+        for field in REPLAY_FIELDS:
+            getattr(rb, field)[: replay["size"]] = replay[field]
+        rb.pos, rb.size, rb.episode_step, rb.ready = replay["pos"], replay["size"], replay["episode_step"], replay["ready"]
+    frame = checkpoint["next_step"] * checkpoint["args"]["action_repeat"]
+    print(f"resumed at global_step={frame} ({'with' if replay is not None else 'WITHOUT'} the replay buffer)", flush=True)
+    return checkpoint["next_step"], checkpoint["episode_count"]
 
 
 def save_checkpoint(state, path):
@@ -660,62 +1098,88 @@ def save_checkpoint(state, path):
     os.replace(temporary, path)
 
 
-def load_checkpoint(path):
-    """(checkpoint, its path) for a run directory or a checkpoint file; stops with the reason if it
-    cannot be read. Checkpoints hold pickled RNG states: load only checkpoints you wrote."""
-    if os.path.isdir(path):
-        path = os.path.join(path, CHECKPOINT_NAME)
-    if not os.path.isfile(path):
-        sys.exit(f"drm_metaworld.py: --resume: no checkpoint at {path}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:
-        reason = f"{type(error).__name__}: {str(error).split('. ')[0]}"
-        sys.exit(f"drm_metaworld.py: --resume: {path} is truncated or corrupt ({reason}); resume from another copy or start a new run")
-    if not isinstance(checkpoint, dict) or not CHECKPOINT_KEYS <= set(checkpoint):
-        sys.exit(f"drm_metaworld.py: --resume: {path} is not a drm_metaworld.py checkpoint")
-    return checkpoint, path
+class Checkpoints:
+    """Checkpoints into `run_dir` at episode ends: every `every_frames` env frames (None: never), and
+    when SIGINT or SIGTERM (pre-emption) asks the run to stop, after which the run exits with 128 + the
+    signal number; a second signal exits at once. `resumed_frame`: the frame of the checkpoint this run
+    resumed from (0 for a new run)."""
+
+    def __init__(self, run_dir, every_frames, resumed_frame):
+        self.run_dir, self.path, self.every_frames = run_dir, os.path.join(run_dir, CHECKPOINT_NAME), every_frames
+        self.last_frame = resumed_frame or None  # the global step of the last complete checkpoint
+        self.next_frame = self._next_after(resumed_frame)
+        self.stop_signal = None
+        signal.signal(signal.SIGINT, self._request_stop)
+        signal.signal(signal.SIGTERM, self._request_stop)
+
+    def _next_after(self, frame):
+        return (frame // self.every_frames + 1) * self.every_frames if self.every_frames else None
+
+    def _request_stop(self, signum, _frame):
+        if self.stop_signal is not None:  # a second signal stops at once; the last complete checkpoint stays
+            sys.exit(128 + signum)
+        self.stop_signal = signum
+        print(f"{signal.Signals(signum).name}: stopping with a checkpoint at the end of this episode", flush=True)
+
+    def due(self, frame):
+        return self.stop_signal is not None or (self.next_frame is not None and frame >= self.next_frame)
+
+    def save(self, state, writer):
+        """Write `state`; then, if a signal asked the run to stop, close the writer and exit."""
+        frame = state["next_step"] * state["args"]["action_repeat"]
+        save_checkpoint(state, self.path)
+        self.last_frame, self.next_frame = frame, self._next_after(frame)
+        print(f"checkpoint: {self.path} at global_step={frame}", flush=True)
+        if self.stop_signal is not None:
+            writer.close()
+            print(f"stopped; continue with: python {os.path.basename(__file__)} --resume {self.run_dir}", flush=True)
+            sys.exit(128 + self.stop_signal)
 
 
-def conflicting_args(args, saved):
-    """The arguments that would make a resumed run a different run, with both values."""
-    return [
-        f"--{key.replace('_', '-')} {value} (checkpoint: {saved.get(key)})"
-        for key, value in vars(args).items()
-        if key not in RESUMABLE_CHANGES and saved.get(key) != value
-    ]
+def stop_if_nonfinite(metrics, global_step, checkpoints):
+    """Stop the run, naming the first loss that is NaN or infinite and the checkpoint to resume from."""
+    for tag, value in metrics.items():
+        if tag.startswith("losses/") and not math.isfinite(float(value)):
+            if checkpoints.last_frame is None:
+                advice = "no checkpoint was written (--checkpoint-every-frames)"
+            else:
+                advice = f"resume from the checkpoint at global_step={checkpoints.last_frame}: --resume {checkpoints.run_dir}"
+            fail(f"{tag} is {float(value)} at global_step={global_step}; {advice}")
 
 
-def checkpoint_frame_after(frame, every):
-    """The next multiple of `every` after `frame` (None without periodic checkpoints)."""
-    return (frame // every + 1) * every if every else None
+# ======================================================================================================
+# RUN OPERATIONS: speed. Where the replay lives, --compile, --cudagraphs and the update timer change how
+# fast the run goes, not what it computes; a reader may skip this section.
+# ======================================================================================================
+def compile_acting_and_update():
+    """--compile: torch.compile acting and each phase of the update whole (a compiled graph ends at a
+    backward pass). `main` and `update` call these functions by their module-level names, so rebinding
+    the names swaps in the compiled versions. Compiled code draws eager's random numbers
+    (`fallback_random`): --compile changes the speed, not the run."""
+    global act, encode, update_value, update_critic, update_actor
+    phases = [act, encode, update_value, update_critic, update_actor]
+    act, encode, update_value, update_critic, update_actor = (torch.compile(fn, options={"fallback_random": True}) for fn in phases)
 
 
-def rng_states(device):
-    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        states["cuda"] = torch.cuda.get_rng_state(device)
-    return states
+def available_host_memory():
+    with open("/proc/meminfo") as meminfo:
+        fields = dict(line.split(":", 1) for line in meminfo)
+    return int(fields["MemAvailable"].split()[0]) * 1024
 
 
-def set_rng_states(states, device):
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"])
-    if device.type == "cuda" and "cuda" in states:
-        torch.cuda.set_rng_state(states["cuda"], device)
+def replay_device(nbytes, device, headroom=2 * 1024**3):
+    """Where the replay lives: on the GPU when it fits in free GPU memory (sampling is then pure device
+    indexing), else in host memory; stop before training if it fits in neither."""
+    if device.type == "cuda" and torch.cuda.mem_get_info(device)[0] > nbytes + headroom:
+        return device
+    if available_host_memory() > nbytes + headroom:
+        return torch.device("cpu")
+    fail(
+        f"the replay buffer needs {nbytes / 1e9:.1f} GB, more than the free "
+        f"{'GPU or ' if device.type == 'cuda' else ''}host memory; lower --buffer-size"
+    )
 
 
-@torch.compiler.disable  # plain Python under torch.compile, which would not pass the attribute on
-def step_unless(optimizer, skip):
-    """optimizer.step(), dropped on the device when the 0-d bool tensor `skip` is true: no host sync,
-    so a non-finite update can be discarded inside a compiled or captured update. Fused Adam reads
-    the flag from `found_inf`, the attribute torch.amp.GradScaler sets for the same purpose."""
-    optimizer.found_inf = skip.float()
-    optimizer.step()
-
-
-# Speed: timing and CUDA graphs
 class UpdateTimer:
     """Milliseconds one update takes on the device, read at log time: CUDA events on a GPU (nothing
     waits until the reading), the wall clock on the CPU (where the update runs synchronously)."""
@@ -775,382 +1239,4 @@ class CudaGraphed:
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args)
-    checkpoint = None
-    if args.resume:
-        checkpoint, checkpoint_path = load_checkpoint(args.resume)
-        # the checkpoint's arguments become the defaults; flags given now override them and are checked below
-        args = tyro.cli(Args, default=Args(**{**checkpoint["args"], "resume": args.resume}))
-    args = resolve_args(args, list(import_metaworld()))
-    if checkpoint is not None and (conflicts := conflicting_args(args, checkpoint["args"])):
-        sys.exit(f"drm_metaworld.py: --resume continues the same run, but these arguments differ: {'; '.join(conflicts)}")
-    if args.track:
-        try:
-            import wandb
-        except ImportError:
-            sys.exit("drm_metaworld.py: --track needs Weights & Biases: pip install wandb")
-    if checkpoint is None:
-        run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-        run_dir = f"runs/{run_name}"
-        checkpoint_path = os.path.join(run_dir, CHECKPOINT_NAME)
-    else:
-        run_name, run_dir = checkpoint["run_name"], os.path.dirname(checkpoint_path)
-    print("resolved arguments:\n" + "\n".join(f"  {key}: {value}" for key, value in vars(args).items()))
-
-    # TRY NOT TO MODIFY: seeding and device
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    torch.backends.cudnn.benchmark = not args.torch_deterministic
-    torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = "tf32" if args.tf32 else "ieee"
-    if args.cuda and not torch.cuda.is_available():
-        print("--cuda: no CUDA device is available, running on the CPU")
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    if args.cudagraphs and device.type != "cuda":
-        sys.exit("drm.py: --cudagraphs needs a CUDA GPU and --cuda")
-
-    # env setup: the eval env draws its goals from its own generator (seed + 1), so evaluation does not
-    # replay the training episodes' goals
-    env = make_env(args.env_id, args.seed, args.action_repeat, args.frame_stack, args.shadow_size)
-    eval_env = make_env(args.env_id, args.seed + 1, args.action_repeat, args.frame_stack, args.shadow_size)
-    obs_shape, action_dim = env.observation_shape, env.action_dim
-    frame_shape = (3, *obs_shape[1:])
-
-    nbytes = ReplayBuffer.nbytes(args.buffer_size, frame_shape, action_dim)
-    storage = replay_device(nbytes, device)
-    print(f"replay: {args.buffer_size:,} transitions, {nbytes / 1e9:.1f} GB on {storage.type}")
-    if args.cudagraphs and storage != device:
-        sys.exit("drm.py: --cudagraphs samples the replay inside the graph, so it must fit in GPU memory; lower --buffer-size")
-    rb = ReplayBuffer(args.buffer_size, frame_shape, action_dim, args.frame_stack, args.nstep, args.gamma, storage)
-
-    if args.track:
-        wandb.init(
-            project=args.wandb_project_name,
-            entity=args.wandb_entity,
-            sync_tensorboard=True,
-            config=vars(args),
-            name=run_name,
-            save_code=True,
-        )
-    # a resumed run appends to its event files; purge_step hides what a killed run logged after the
-    # checkpoint's frame (what it logged at that very frame stays: its last episode's scalars)
-    writer = SummaryWriter(run_dir, purge_step=checkpoint["next_step"] * args.action_repeat + 1 if checkpoint else None)
-    if checkpoint is None:
-        table_rows = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
-        writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table_rows}")
-
-    # ALGO LOGIC: initialize agent here
-    encoder = Encoder(obs_shape).to(device)
-    actor = record_linear_outputs(Actor(encoder.repr_dim, action_dim, args.feature_dim, args.hidden_dim).to(device))
-    critic = record_linear_outputs(Critic(encoder.repr_dim, action_dim, args.feature_dim, args.hidden_dim, args.critic_dropout).to(device))
-    critic_target = Critic(encoder.repr_dim, action_dim, args.feature_dim, args.hidden_dim, args.critic_dropout).to(device)
-    critic_target.load_state_dict(critic.state_dict())
-    value = record_linear_outputs(ValueNetwork(encoder.repr_dim, args.feature_dim, args.hidden_dim).to(device))
-    # fused Adam: one kernel per step, a step that can be dropped on the device (step_unless), and
-    # CUDA graph capture (capturable)
-    adam = dict(lr=args.learning_rate, fused=True, capturable=args.cudagraphs)
-    encoder_optimizer = torch.optim.Adam(encoder.parameters(), **adam)
-    actor_optimizer = torch.optim.Adam(actor.parameters(), **adam)
-    critic_optimizer = torch.optim.Adam(critic.parameters(), **adam)
-    value_optimizer = torch.optim.Adam(value.parameters(), **adam)
-    networks = dict(encoder=encoder, actor=actor, critic=critic, critic_target=critic_target, value=value)
-    optimizers = dict(encoder=encoder_optimizer, actor=actor_optimizer, critic=critic_optimizer, value=value_optimizer)
-    # the target critic has no optimizer: its perturbation wipes the critic's state once more
-    perturbed = [
-        (actor, actor_optimizer),
-        (critic, critic_optimizer),
-        (critic_target, critic_optimizer),
-        (encoder, encoder_optimizer),
-        (value, value_optimizer),
-    ]
-
-    # DrM state lives on the device so the update never waits for the host; it is changed in place
-    # only, so compiled code and CUDA graphs always read the current values
-    beta = torch.tensor(1.0, device=device)  # actor dormant ratio of the last update (1.0 before any)
-    awaken_step = torch.tensor(-1, device=device)  # agent step of awakening, -1 until then
-    step_tensor = torch.tensor(0, device=device)  # the agent step, as the schedules read it
-    awaken_logged = False
-
-    def exploration_std(step):
-        linear = linear_schedule(args.std_init, args.std_final, args.std_schedule_steps, step)
-        if args.exploration == "linear":
-            return linear
-        std = dormant_std(beta, args.target_dormant_ratio, args.dormant_temp)
-        if args.exploration == "awake":
-            since_awake = linear_schedule(args.std_init, args.std_final, args.std_schedule_steps, step - awaken_step)
-            std = torch.where(awaken_step >= 0, torch.maximum(std, since_awake), std)
-        return std
-
-    def exploit_lambda():
-        if not args.exploit:
-            return 0.0
-        if args.lambda_schedule == "constant":
-            return args.target_lambda
-        return exploitation_lambda(beta, args.target_lambda, args.target_dormant_ratio, args.lambda_temp)
-
-    total_steps = args.total_frames // args.action_repeat
-    num_seed_steps = args.num_seed_frames // args.action_repeat
-
-    @torch.no_grad()
-    def act(obs, step):
-        features = encoder(obs.unsqueeze(0))
-        return sample_action(actor(features), exploration_std(step))[0]
-
-    # ALGO LOGIC: the update, in phases of one backward pass each (a compiled function's graph ends
-    # at a backward pass, so --compile compiles each phase whole). Every phase reads and writes
-    # device tensors only: nothing waits for the host, so the update is queued before the env step
-    # and computes while the env steps. A non-finite loss drops its own optimizer step and every
-    # later one of the update, on the device (step_unless); the loop reads `nonfinite` afterwards.
-    def encode(data, step):
-        features = encoder(random_shift(data.obs.float()))
-        with torch.no_grad():
-            next_features = encoder(random_shift(data.next_obs.float()))
-        # the actor's dormant ratio on this batch drives exploration std and lambda
-        beta.copy_(dormant_ratio(actor, features.detach(), threshold=args.dormant_threshold))
-        # unlike drm.py, the first update may already awaken the agent (the official Meta-World agent)
-        awakens = (awaken_step < 0) & (beta < args.target_dormant_ratio)
-        awaken_step.copy_(torch.where(awakens, step, awaken_step))
-        return features, next_features, exploration_std(step), exploit_lambda()
-
-    def update_value(features, action):
-        # value network: expectile regression on the online critic's min(Q1, Q2) of replay actions
-        with torch.no_grad():
-            q_replay = torch.min(*critic(features, action))
-        value_loss = expectile_loss(value(features) - q_replay, args.expectile)
-        value_optimizer.zero_grad(set_to_none=True)
-        value_loss.backward()
-        nonfinite = ~torch.isfinite(value_loss)
-        step_unless(value_optimizer, nonfinite)
-        return value_loss.detach(), nonfinite
-
-    def update_critic(features, next_features, data, std, lam, skip):
-        # critic and encoder: n-step TD target blending the target critic and V(s') by lambda
-        with torch.no_grad():
-            next_action = sample_action(actor(next_features), std, args.std_clip)
-            next_value = torch.min(*critic_target(next_features, next_action))
-            if args.exploit:
-                next_value = lam * value(next_features) + (1.0 - lam) * next_value
-            td_target = data.reward + data.discount * next_value
-        qf1_values, qf2_values = critic(features, data.action)
-        qf_loss = F.mse_loss(qf1_values, td_target) + F.mse_loss(qf2_values, td_target)
-        encoder_optimizer.zero_grad(set_to_none=True)
-        critic_optimizer.zero_grad(set_to_none=True)
-        qf_loss.backward()
-        nonfinite = ~torch.isfinite(qf_loss)  # also catches non-finite Q values
-        dropped = skip | nonfinite
-        step_unless(critic_optimizer, dropped)
-        step_unless(encoder_optimizer, dropped)
-        return qf1_values.detach().mean(), qf2_values.detach().mean(), qf_loss.detach(), nonfinite
-
-    def update_actor(features, std, skip):
-        # actor: maximise min(Q1, Q2) of the just-updated critic
-        policy_action = sample_action(actor(features), std, args.std_clip)
-        actor_loss = -torch.min(*critic(features, policy_action)).mean()
-        actor_optimizer.zero_grad(set_to_none=True)
-        actor_loss.backward()
-        nonfinite = ~torch.isfinite(actor_loss)
-        dropped = skip | nonfinite
-        step_unless(actor_optimizer, dropped)
-        with torch.no_grad():  # a dropped update leaves the target critic as it was, too
-            tau = args.tau * (~dropped).float()
-            for param, target_param in zip(critic.parameters(), critic_target.parameters(), strict=True):
-                target_param.lerp_(param, tau)
-        return actor_loss.detach(), nonfinite
-
-    def update(step):
-        data = rb.sample(args.batch_size, device)
-        features, next_features, std, lam = encode(data, step)
-        detached = features.detach()  # V and the actor train on the features, not the encoder
-        metrics, value_nonfinite = {}, torch.zeros((), dtype=torch.bool, device=device)
-        if args.exploit:
-            metrics["losses/value_loss"], value_nonfinite = update_value(detached, data.action)
-        qf1_mean, qf2_mean, qf_loss, qf_nonfinite = update_critic(features, next_features, data, std, lam, value_nonfinite)
-        actor_loss, actor_nonfinite = update_actor(detached, std, value_nonfinite | qf_nonfinite)
-        metrics.update({
-            "losses/qf1_values": qf1_mean,
-            "losses/qf2_values": qf2_mean,
-            "losses/qf_loss": qf_loss,
-            "losses/actor_loss": actor_loss,
-            "charts/dormant_ratio": beta,
-            "charts/exploration_std": std,
-            "charts/lambda": lam,
-        })  # fmt: skip
-        nonfinite = torch.stack([value_nonfinite, qf_nonfinite, actor_nonfinite])
-        return metrics, nonfinite, detached, data.action
-
-    # the fast paths (README, "Speed") swap these functions for compiled and/or captured versions
-    if args.compile:
-        same_random_draws = {"fallback_random": True}  # as eager: --compile changes the speed, not the run
-        act, encode, update_value, update_critic, update_actor = (
-            torch.compile(fn, options=same_random_draws) for fn in (act, encode, update_value, update_critic, update_actor)
-        )
-    if args.cudagraphs:
-        act, update = CudaGraphed(act), CudaGraphed(update)
-    update_timer = UpdateTimer(device)
-    eval_every_steps = max(args.eval_every_frames // args.action_repeat, 1)
-    start_step, num_updates, skipped_updates = 0, 0, 0
-    episode_return, episode_length, episode_count = 0.0, 0, 0
-    episode_actions = []  # behind charts/action_magnitude and charts/action_change
-    recent_successes = deque(maxlen=10)  # training episodes behind charts/success_rate
-    start_time = time.time()
-
-    def write_checkpoint(next_step):
-        """Everything the run needs to go on from agent step `next_step` at the start of a new episode."""
-        save_checkpoint({
-            "args": vars(args),
-            "run_name": run_name,
-            "next_step": next_step,
-            "counters": dict(episode_count=episode_count, num_updates=num_updates, skipped_updates=skipped_updates,
-                             recent_successes=list(recent_successes),
-                             awaken_logged=awaken_logged, elapsed=time.time() - start_time, beta=beta, awaken_step=awaken_step),
-            "networks": {name: network.state_dict() for name, network in networks.items()},
-            "optimizers": {name: optimizer.state_dict() for name, optimizer in optimizers.items()},
-            "rng": rng_states(device),
-            "envs": {"train": env.rng_state(), "eval": eval_env.rng_state()},
-            "replay": rb.state_dict() if args.checkpoint_replay else None,
-        }, checkpoint_path)  # fmt: skip
-        print(f"checkpoint: {checkpoint_path} at global_step={next_step * args.action_repeat}", flush=True)
-
-    # SIGINT and SIGTERM (pre-emption) stop the run at the end of the current episode, with a checkpoint
-    stop_signal = []
-
-    def request_stop(signum, _frame):
-        if stop_signal:  # a second signal stops at once; the last complete checkpoint stays
-            sys.exit(128 + signum)
-        stop_signal.append(signum)
-        print(f"{signal.Signals(signum).name}: stopping with a checkpoint at the end of this episode", flush=True)
-
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
-
-    first_update_step = num_seed_steps
-    if checkpoint is not None:
-        for name, network in networks.items():
-            network.load_state_dict(checkpoint["networks"][name])
-        for name, optimizer in optimizers.items():
-            optimizer.load_state_dict(checkpoint["optimizers"][name])
-        counters = checkpoint["counters"]
-        episode_count, num_updates = counters["episode_count"], counters["num_updates"]
-        skipped_updates, awaken_logged = counters["skipped_updates"], counters["awaken_logged"]
-        start_time = time.time() - counters["elapsed"]
-        recent_successes.extend(counters["recent_successes"])
-        beta.copy_(counters["beta"]), awaken_step.copy_(counters["awaken_step"])
-        start_step = checkpoint["next_step"]
-        set_rng_states(checkpoint["rng"], device)
-        env.set_rng_state(checkpoint["envs"]["train"])
-        eval_env.set_rng_state(checkpoint["envs"]["eval"])
-        if checkpoint["replay"] is not None:
-            rb.load_state_dict(checkpoint["replay"])
-        else:  # the buffer starts empty: updates wait for its first complete n-step window
-            first_update_step = max(num_seed_steps, start_step + args.nstep)
-        print(f"resumed {run_dir} at global_step={start_step * args.action_repeat}"
-              f" ({'with' if checkpoint['replay'] is not None else 'WITHOUT'} the replay buffer)", flush=True)  # fmt: skip
-        del checkpoint  # its replay copy would double the buffer's memory
-    next_checkpoint_frame = checkpoint_frame_after(start_step * args.action_repeat, args.checkpoint_every_frames)
-
-    # TRY NOT TO MODIFY: start the game
-    obs = env.reset()
-    obs_device = torch.as_tensor(obs, device=device)  # the step's one host-to-device copy of its frames
-    rb.add(obs_device[-3:], np.zeros(action_dim, np.float32), 0.0, 1.0, first=True)
-    for step in range(start_step, total_steps):
-        global_step = step * args.action_repeat
-
-        if step % eval_every_steps == 0 and args.num_eval_episodes > 0:
-            video_path = f"videos/{run_name}/{global_step}.mp4" if args.capture_video else None
-            eval_return, eval_success = evaluate(eval_env, encoder, actor, args.num_eval_episodes, device, video_path)
-            print(
-                f"global_step={global_step}, eval/episodic_return={eval_return:.1f}, eval/success_rate={eval_success:.2f}",
-                flush=True,
-            )  # fmt: skip
-            writer.add_scalar("eval/episodic_return", eval_return, global_step)
-            writer.add_scalar("eval/success_rate", eval_success, global_step)
-
-        # ALGO LOGIC: put action logic here
-        step_tensor.fill_(step)
-        if step < num_seed_steps:
-            action = np.random.uniform(-1.0, 1.0, action_dim).astype(np.float32)
-        else:
-            action = act(obs_device, step_tensor).cpu().numpy()
-
-        # ALGO LOGIC: training, queued on the device before the env step so the two run side by side
-        updating = step >= first_update_step and step % args.update_every_steps == 0
-        if updating:
-            if args.perturb and step % args.perturb_interval_steps == 0:
-                factor = perturb_factor(beta, args.min_perturb_factor, args.max_perturb_factor, args.perturb_rate)
-                for network, optimizer in perturbed:
-                    perturb(network, optimizer, factor)
-                writer.add_scalar("charts/perturb_factor", factor.item(), global_step)
-            update_timer.start()
-            metrics, nonfinite, features, replay_action = update(step_tensor)
-            update_timer.stop()
-
-        # TRY NOT TO MODIFY: execute the game and log data
-        obs, reward, discount, last = env.step(action)
-        obs_device = torch.as_tensor(obs, device=device)
-        rb.add(obs_device[-3:], action, reward, discount, first=False)
-
-        # the update has had the env step's time to finish: reading its results now costs no wait
-        if updating and nonfinite.any():
-            failed = ["value_loss", "qf_loss", "actor_loss"][int(nonfinite.int().argmax())]
-            if not args.skip_nonfinite_updates:
-                write_checkpoint(step + 1)
-                sys.exit(f"drm_metaworld.py: {failed} is not finite at global_step={global_step}; the update was dropped "
-                         f"and {checkpoint_path} holds the last finite state")  # fmt: skip
-            skipped_updates += 1
-            writer.add_scalar("charts/skipped_updates", skipped_updates, global_step)
-        elif updating:
-            num_updates += 1
-            if num_updates % args.log_every_updates == 0:
-                # diagnostics beside the actor's ratio, only at log time, so they cost nothing measurable
-                logged = dict(metrics)
-                logged["charts/dormant_ratio_critic"] = dormant_ratio(critic, features, replay_action, threshold=args.dormant_threshold)
-                if args.exploit:
-                    logged["charts/dormant_ratio_value"] = dormant_ratio(value, features, threshold=args.dormant_threshold)
-                logged["perf/update_ms"] = update_timer.milliseconds()
-                for tag, scalar in logged.items():
-                    writer.add_scalar(tag, float(scalar), global_step)
-                if not awaken_logged and awaken_step.item() >= 0:
-                    writer.add_scalar("charts/awaken_step", awaken_step.item(), global_step)
-                    awaken_logged = True
-        episode_return += reward
-        episode_actions.append(action)
-        episode_length += 1
-        if last:
-            episode_count += 1
-            recent_successes.append(env.success)
-            frames_done = (step + 1) * args.action_repeat
-            sps = int(frames_done / (time.time() - start_time))
-            print(
-                f"global_step={frames_done}, episode={episode_count}, episodic_return={episode_return:.1f}, "
-                f"success={env.success}, SPS={sps}", flush=True,
-            )  # fmt: skip
-            writer.add_scalar("charts/episodic_return", episode_return, frames_done)
-            # motor activity, to set beside the dormant ratio: mean |a| and mean |a_t - a_(t-1)|
-            actions = np.stack(episode_actions)
-            writer.add_scalar("charts/action_magnitude", np.abs(actions).mean(), frames_done)
-            writer.add_scalar("charts/action_change", np.abs(np.diff(actions, axis=0)).mean(), frames_done)
-            episode_actions.clear()
-            writer.add_scalar("charts/episodic_length", episode_length * args.action_repeat, frames_done)
-            writer.add_scalar("charts/success_rate", np.mean(recent_successes), frames_done)
-            writer.add_scalar("charts/SPS", sps, frames_done)
-            # checkpoints sit between episodes: a resumed run starts the next episode as this run would
-            if stop_signal or (next_checkpoint_frame is not None and frames_done >= next_checkpoint_frame):
-                write_checkpoint(step + 1)
-                next_checkpoint_frame = checkpoint_frame_after(frames_done, args.checkpoint_every_frames)
-                if stop_signal:
-                    writer.close()
-                    print(f"stopped; continue with: python drm_metaworld.py --resume {run_dir}", flush=True)
-                    sys.exit(128 + stop_signal[0])
-            obs, episode_return, episode_length = env.reset(), 0.0, 0
-            obs_device = torch.as_tensor(obs, device=device)
-            rb.add(obs_device[-3:], np.zeros(action_dim, np.float32), 0.0, 1.0, first=True)
-
-    if args.save_model:
-        model_path = f"{run_dir}/{args.exp_name}.cleanrl_model"
-        torch.save({name: network.state_dict() for name, network in networks.items()} | {"args": vars(args)}, model_path)
-        print(f"model saved to {model_path}")
-
-    env.close()
-    eval_env.close()
-    writer.close()
+    main()

@@ -4,6 +4,7 @@ states are drm.py's at the given sizes; the replay is filled with random frames.
 
     python benchmark/checkpoint_cost.py --capacities 100000 200000
 """
+import dataclasses
 import os
 import sys
 import tempfile
@@ -42,25 +43,21 @@ def timed_save(state, directory):
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    obs_shape = (9, 84, 84)
-    encoder = drm.Encoder(obs_shape)
-    actor = drm.Actor(encoder.repr_dim, args.action_dim, args.feature_dim, args.hidden_dim)
-    critic = drm.Critic(encoder.repr_dim, args.action_dim, args.feature_dim, args.hidden_dim)
-    critic_target = drm.Critic(encoder.repr_dim, args.action_dim, args.feature_dim, args.hidden_dim)
-    value = drm.ValueNetwork(encoder.repr_dim, args.feature_dim, args.hidden_dim)
-    networks = dict(encoder=encoder, actor=actor, critic=critic, critic_target=critic_target, value=value)
-    optimizers = {name: torch.optim.Adam(networks[name].parameters()) for name in ["encoder", "actor", "critic", "value"]}
+    run_args = drm.Args(feature_dim=args.feature_dim, hidden_dim=args.hidden_dim)
+    networks = drm.make_networks((9, 84, 84), args.action_dim, run_args, torch.device("cpu"))
+    optimizers = drm.make_optimizers(networks, 1e-4)
     for name, optimizer in optimizers.items():  # one step, so that Adam's moment buffers exist
-        for parameter in networks[name].parameters():
+        for parameter in getattr(networks, name).parameters():
             parameter.grad = torch.zeros_like(parameter)
         optimizer.step()
-    state = {
-        "networks": {name: network.state_dict() for name, network in networks.items()},
-        "optimizers": {name: optimizer.state_dict() for name, optimizer in optimizers.items()},
-        "rng": drm.rng_states(torch.device("cpu")),
-    }
+    beta, awaken_step = torch.tensor(1.0), torch.tensor(-1)
+
+    def checkpoint_of(replay):
+        state_args = dataclasses.replace(run_args, checkpoint_replay=replay is not None)
+        return drm.run_state(state_args, 0, 0, networks, optimizers, beta, awaken_step, (), replay, torch.device("cpu"))
+
     directory = args.directory or tempfile.mkdtemp()
-    size, seconds = timed_save(state, directory)
+    size, seconds = timed_save(checkpoint_of(None), directory)
     print(f"{'replay capacity':>16}{'checkpoint GB':>15}{'write s':>9}{'GB/s':>7}")
     print(f"{'none':>16}{size / 1e9:>15.3f}{seconds:>9.2f}{size / 1e9 / seconds:>7.2f}")
     for capacity in args.capacities:
@@ -68,6 +65,6 @@ if __name__ == "__main__":
         replay.frames.copy_(torch.from_numpy(np.random.default_rng(0).integers(0, 256, replay.frames.shape, dtype=np.uint8)))
         replay.actions.zero_(), replay.valid.fill_(1.0), replay.episode_steps.zero_()
         replay.size = capacity
-        size, seconds = timed_save(dict(state, replay=replay.state_dict()), directory)
+        size, seconds = timed_save(checkpoint_of(replay), directory)
         print(f"{capacity:>16,}{size / 1e9:>15.3f}{seconds:>9.2f}{size / 1e9 / seconds:>7.2f}")
         del replay

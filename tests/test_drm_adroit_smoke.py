@@ -13,7 +13,7 @@ SCRIPT = "drm_adroit.py"
 TINY = ["--num-seed-frames", "400", "--batch-size", "8", "--buffer-size", "2000", "--log-every-updates", "10"]
 
 
-def test_adroit_smoke_run_writes_events_video_and_model(tmp_path):
+def test_adroit_smoke_run_writes_events_video_and_a_model_that_evaluates(tmp_path):
     # hammer: 100-agent-step episodes; 300 agent steps = 3 episodes, updates from step 200
     result = run_script(
         SCRIPT, "--env-id", "hammer", *TINY, "--total-frames", "600", "--eval-every-frames", "100000",
@@ -32,7 +32,7 @@ def test_adroit_smoke_run_writes_events_video_and_model(tmp_path):
         "charts/episodic_return", "charts/episodic_length", "charts/success_rate", "charts/SPS",
         "losses/qf1_values", "losses/qf2_values", "losses/qf_loss", "losses/actor_loss", "losses/value_loss",
         "charts/dormant_ratio", "charts/exploration_std", "charts/lambda", "charts/perturb_factor",
-        "eval/episodic_return", "eval/success_rate",
+        "charts/awaken_step", "eval/episodic_return", "eval/success_rate",
     }  # fmt: skip
     assert expected <= set(logged), expected - set(logged)
     assert logged["charts/episodic_length"] == [(200, 200.0), (400, 200.0), (600, 200.0)]  # env frames
@@ -51,6 +51,9 @@ def test_adroit_smoke_run_writes_events_video_and_model(tmp_path):
     assert model["critic"]["state_fusion.fusion.2.weight"].shape == (50, 1024)
     assert model["encoder"]["convnet.0.weight"].shape == (32, 3, 3, 3)  # one frame
     assert model["args"]["env_id"] == "hammer"
+    evaluated = run_script(SCRIPT, "--eval-model", str(run_dir / "smoke.cleanrl_model"), "--num-eval-episodes", "1", "--no-cuda", cwd=tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert "eval/episodic_return=" in evaluated.stdout and "eval/success_rate=0.00 over 1 episodes" in evaluated.stdout
 
 
 def test_adroit_pen_drqv2_mode(tmp_path):

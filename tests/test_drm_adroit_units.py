@@ -177,7 +177,7 @@ def test_same_seed_same_episodes(make_env):
 
 # ------------------------------------------------------------------------------ networks and replay
 def test_state_path_is_counted_and_perturbed():
-    actor = drm_adroit.record_linear_outputs(drm_adroit.Actor(repr_dim=16, state_dim=24, action_dim=3, feature_dim=5, hidden_dim=8))
+    actor = drm_adroit.Actor(repr_dim=16, state_dim=24, action_dim=3, feature_dim=5, hidden_dim=8)
     features, state = torch.randn(64, 16), torch.randn(64, 24)
     # the dormant ratio by hand: every Linear's output as the forward sees it (hidden ones after their ReLU)
     fusion = actor.state_fusion

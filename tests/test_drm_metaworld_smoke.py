@@ -33,7 +33,7 @@ def test_metaworld_smoke_run_writes_events_video_and_model(tmp_path):
         "charts/episodic_return", "charts/episodic_length", "charts/success_rate", "charts/SPS",
         "losses/qf1_values", "losses/qf2_values", "losses/qf_loss", "losses/actor_loss", "losses/value_loss",
         "charts/dormant_ratio", "charts/exploration_std", "charts/lambda", "charts/perturb_factor",
-        "eval/episodic_return", "eval/success_rate",
+        "charts/awaken_step", "eval/episodic_return", "eval/success_rate",
     }  # fmt: skip
     assert expected <= set(logged), expected - set(logged)
     assert logged["charts/episodic_length"] == [(500, 500.0), (1000, 500.0)]

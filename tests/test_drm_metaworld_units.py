@@ -85,10 +85,12 @@ def test_success_is_any_env_step_including_repeated_ones(make_env, monkeypatch):
     def step_succeeding_once(action):  # only the 3rd env step (the 2nd agent step's 1st) succeeds
         observation, reward, terminated, truncated, info = real_step(action)
         calls.append(1)
-        return observation, reward, terminated, truncated, dict(info, success=float(len(calls) == 3))
+        # some Meta-World rewards come as numpy float32, which a torch tensor refuses to store
+        return observation, np.float32(reward), terminated, truncated, dict(info, success=float(len(calls) == 3))
 
     monkeypatch.setattr(env.env, "step", step_succeeding_once)
-    env.step(np.zeros(4))
+    _, reward, _, _ = env.step(np.zeros(4))
+    assert type(reward) is float
     assert not env.success
     env.step(np.zeros(4))
     assert env.success

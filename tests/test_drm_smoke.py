@@ -1,6 +1,7 @@
 """Run drm.py as a user would (a subprocess with tiny settings on the CPU) and check what it wrote."""
 import ctypes.util
 import glob
+import math
 import os
 import subprocess
 import sys
@@ -9,6 +10,8 @@ import imageio.v3 as iio
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import drm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
@@ -40,12 +43,12 @@ def scalars(run_dir):
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
-def test_drm_smoke_run_writes_events_video_and_model(tmp_path):
+def test_drm_smoke_run_writes_events_video_checkpoint_and_a_model_that_evaluates(tmp_path):
     # 600 agent steps: one full 500-step episode, updates from step 200, perturbations every 100 steps
     result = run_drm(
         tmp_path, *TINY, "--total-frames", "1200", "--eval-every-frames", "100000", "--num-eval-episodes", "1",
         "--perturb-interval-steps", "100", "--capture-video", "--save-model", "--exp-name", "smoke", "--no-cuda",
-        "--hidden-dim", "64",
+        "--hidden-dim", "64", "--checkpoint-every-frames", "1000",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "  max_perturb_factor: 1.0" in result.stdout and "  learning_rate: 0.0001" in result.stdout  # presets
@@ -59,7 +62,7 @@ def test_drm_smoke_run_writes_events_video_and_model(tmp_path):
         "charts/episodic_return", "charts/episodic_length", "charts/SPS", "losses/qf1_values",
         "losses/qf2_values", "losses/qf_loss", "losses/actor_loss", "losses/value_loss",
         "charts/dormant_ratio", "charts/exploration_std", "charts/lambda", "charts/perturb_factor",
-        "eval/episodic_return", "perf/update_ms",
+        "charts/awaken_step", "eval/episodic_return", "perf/update_ms",
     }  # fmt: skip
     assert expected <= set(logged), expected - set(logged)
     assert logged["charts/episodic_length"] == [(1000, 1000.0)]
@@ -72,11 +75,33 @@ def test_drm_smoke_run_writes_events_video_and_model(tmp_path):
     frames = iio.imread(video)
     assert frames.shape[0] == 500 and frames.shape[1:3] == (256, 256) and frames.mean() > 10
 
+    # the perturbation in the loop: the checkpoint at frame 1000 (after agent step 499) has Adam states
+    # restarted at step 400, so 50 steps old while 150 updates have run; then step 500 perturbs again
+    checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    for name, optimizer in checkpoint["optimizers"].items():
+        assert {state["step"].item() for state in optimizer["state"].values()} == {50.0}, name
     model = torch.load(run_dir / "smoke.cleanrl_model", weights_only=False)
-    assert {"encoder", "actor", "critic", "critic_target", "value", "args"} <= set(model)
+    factor = dict(logged["charts/perturb_factor"])[1000]
+    moved = (model["actor"]["policy.2.weight"] - checkpoint["networks"]["actor"]["policy.2.weight"]).norm()
+    # the blend with a fresh orthogonal draw moves a 64x64 weight by about (1 - factor) * |W_old - W_fresh|
+    # = (1 - factor) * 8 * sqrt(2); 50 Adam steps of lr 1e-4 move it by about 50 * 3e-4 * 64 = 1 at most
+    assert factor < 0.5 and moved > 0.75 * (1 - factor) * 8 * math.sqrt(2)
+
     assert model["actor"]["trunk.0.weight"].shape == (50, 32 * 35 * 35)
     assert model["critic"]["q1.4.weight"].shape == (1, 64)
     assert model["args"]["env_id"] == "cartpole-balance" and model["args"]["max_perturb_factor"] == 1.0
+    model_path = str(run_dir / "smoke.cleanrl_model")
+    evaluated = run_drm(tmp_path, "--eval-model", model_path, "--num-eval-episodes", "1", "--capture-video", "--no-cuda")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    printed = float(evaluated.stdout.split("eval/episodic_return=")[1].split()[0])
+    # the same weights evaluated here, on the run's eval env (seed 121)
+    args = drm.Args(**model["args"])
+    networks = drm.make_networks((9, 84, 84), 1, args, "cpu")
+    for name, network in networks._asdict().items():
+        network.load_state_dict(model[name])
+    assert printed == pytest.approx(drm.evaluate(drm.make_env("cartpole-balance", 121), networks, 1, "cpu"), abs=0.05)
+    (video,) = glob.glob(str(tmp_path / "videos" / f"{run_dir.name}-eval" / "*.mp4"))
+    assert iio.imread(video).shape[0] == 500
 
 
 def test_drm_with_all_mechanisms_off_is_drqv2(tmp_path):
@@ -96,13 +121,16 @@ def test_drm_with_all_mechanisms_off_is_drqv2(tmp_path):
         assert std == pytest.approx(1.0 - 0.9 * (frame // 2) / 500_000, abs=1e-6)
 
 
-def test_bad_input_stops_before_any_work(tmp_path):
+def test_bad_input_stops_before_any_work_and_print_config_builds_nothing(tmp_path):
     result = run_drm(tmp_path, "--env-id", "walker-wlak")
     assert result.returncode != 0
     assert "unknown env id 'walker-wlak'; did you mean walker-walk" in result.stderr
-    result = run_drm(tmp_path, "--env-id", "walker-walk", "--batch-size", "300", "--buffer-size", "200")
-    assert result.returncode != 0 and "--batch-size 300 is larger than --buffer-size 200" in result.stderr
+    result = run_drm(tmp_path, "--env-id", "walker-walk", "--action-repeat", "0")
+    assert result.returncode != 0 and "drm.py: --action-repeat must be positive (got 0)" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "runs").exists()
+    result = run_drm(tmp_path, "--env-id", "dog-run", "--print-config")
+    assert result.returncode == 0 and "  feature_dim: 100" in result.stdout and "  total_frames: 30100000" in result.stdout
+    assert not (tmp_path / "runs").exists() and not any(line.startswith("replay:") for line in result.stdout.splitlines())
 
 
 @pytest.mark.skipif(ctypes.util.find_library("OSMesa") is not None, reason="OSMesa is installed here")

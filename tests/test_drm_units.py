@@ -1,13 +1,17 @@
-"""Unit tests of drm.py's pure pieces against hand-computed values. The pieces every script inlines
-identically are checked in each script through the `script` fixture."""
+"""Unit tests of drm.py's pure pieces and DrM decisions against hand-computed values. The pieces every
+script shares are checked in each script through the `script` fixture."""
+import copy
+import dataclasses
 import importlib
 import math
+import typing
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import tyro
 
 import drm
 
@@ -24,19 +28,20 @@ def set_linear(linear, weight, bias):
 
 
 # ----------------------------------------------------------------------------------- dormant ratio
-def test_dormant_ratio_counts_known_dormant_neurons(script):
+def test_dormant_ratio_counts_known_dormant_neurons_of_any_module(script):
     # per-neuron mean |output| over the batch: 1, 1, 0.01, 0 -> layer mean 0.5025, cut 0.01256
     # -> neurons 3 and 4 are dormant; the second layer's single neuron is never below its own mean
     layer1, layer2 = nn.Linear(2, 4), nn.Linear(4, 1)
     set_linear(layer1, [[1, 0], [0, 1], [0.01, 0], [0, 0]], [0, 0, 0, 0])
     set_linear(layer2, [[1, 1, 1, 1]], [0])
-    model = script.record_linear_outputs(nn.Sequential(layer1, layer2))
+    model = nn.Sequential(layer1, layer2)  # a plain module, no setup call
     x = torch.tensor([[1.0, 1.0], [-1.0, -1.0]])
     ratio = script.dormant_ratio(model, x)
     assert torch.is_tensor(ratio) and ratio.dim() == 0
     assert ratio.item() == pytest.approx(2 / 5)
     # a threshold under 0.01 / 0.5025 = 0.0199 spares neuron 3
     assert script.dormant_ratio(model, x, threshold=0.019).item() == pytest.approx(1 / 5)
+    assert all(not m._forward_hooks for m in model.modules())  # the model is left as it came
 
 
 @pytest.mark.parametrize("inplace, expected", [(True, 1 / 3), (False, 0.0)])
@@ -46,30 +51,20 @@ def test_dormant_ratio_sees_through_in_place_relu(script, inplace, expected):
     layer1, layer2 = nn.Linear(1, 2), nn.Linear(2, 1)
     set_linear(layer1, [[1], [1]], [0, -10])
     set_linear(layer2, [[1, 1]], [0])
-    model = script.record_linear_outputs(nn.Sequential(layer1, nn.ReLU(inplace=inplace), layer2))
+    model = nn.Sequential(layer1, nn.ReLU(inplace=inplace), layer2)
     assert script.dormant_ratio(model, torch.tensor([[1.0], [2.0]])).item() == pytest.approx(expected)
 
 
-def test_dormant_ratio_of_actor_hooks_every_linear_once_and_records_only_while_measuring():
+def test_dormant_ratio_of_the_actor_and_under_torch_compile():
     actor = drm.Actor(repr_dim=16, action_dim=3, feature_dim=5, hidden_dim=8)
-    with pytest.raises(ValueError, match="record_linear_outputs"):
-        drm.dormant_ratio(actor, torch.randn(4, 16))
-    drm.record_linear_outputs(drm.record_linear_outputs(actor))  # a second call adds nothing
     with torch.no_grad():  # make one hidden unit of the first policy layer dead after its ReLU
         actor.policy[0].weight[0].zero_()
         actor.policy[0].bias[0] = -1.0
-    ratio = drm.dormant_ratio(actor, torch.randn(64, 16))
-    total = 5 + 8 + 8 + 3
-    assert round(ratio.item() * total) >= 1
-    linears = [m for m in actor.modules() if isinstance(m, nn.Linear)]
-    assert len(linears) == 4 and all(len(m._forward_hooks) == 1 and m.recorded is None for m in linears)
-
-
-def test_dormant_ratio_compiles_as_one_graph(script):
-    model = script.record_linear_outputs(nn.Sequential(nn.Linear(6, 8), nn.ReLU(inplace=True), nn.Linear(8, 2)))
-    x = torch.randn(16, 6)
-    compiled = torch.compile(lambda inputs: script.dormant_ratio(model, inputs), fullgraph=True, backend="eager")
-    assert compiled(x).item() == pytest.approx(script.dormant_ratio(model, x).item())
+    x = torch.randn(64, 16)
+    ratio = drm.dormant_ratio(actor, x)
+    assert round(ratio.item() * (5 + 8 + 8 + 3)) >= 1
+    compiled = torch.compile(lambda inputs: drm.dormant_ratio(actor, inputs), backend="eager")
+    assert compiled(x).item() == ratio.item() and compiled(x).item() == ratio.item()  # twice: no stale hooks
 
 
 # ------------------------------------------------------------------------------------- perturbation
@@ -79,7 +74,7 @@ def test_perturb_blends_linear_layers_with_a_fresh_orthogonal_draw(script):
     set_linear(model[0], old_weight, old_bias)
     with torch.no_grad():
         model[1].weight.fill_(2.0)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
     model(torch.randn(4, 3)).sum().backward()
     optimizer.step()
     assert optimizer.state
@@ -98,7 +93,7 @@ def test_perturb_blends_linear_layers_with_a_fresh_orthogonal_draw(script):
     assert all(torch.count_nonzero(t) == 0 for state in optimizer.state.values() for t in state.values())
     fresh_model = nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3))
     fresh_model.load_state_dict(model.state_dict())
-    fresh_optimizer = torch.optim.Adam(fresh_model.parameters(), lr=1e-3)
+    fresh_optimizer = torch.optim.Adam(fresh_model.parameters(), lr=1e-3, fused=True)
     x = torch.randn(4, 3)
     for net, opt in [(model, optimizer), (fresh_model, fresh_optimizer)]:
         opt.zero_grad()
@@ -108,64 +103,161 @@ def test_perturb_blends_linear_layers_with_a_fresh_orthogonal_draw(script):
         torch.testing.assert_close(ours, fresh)
 
 
-@pytest.mark.parametrize("nonfinite", [False, True])
-def test_step_unless_drops_the_whole_adam_step_on_the_device(script, nonfinite):
-    layer = nn.Linear(2, 1)
-    optimizer = torch.optim.Adam(layer.parameters(), lr=0.1, fused=True)
-    before = [p.detach().clone() for p in layer.parameters()]
-    layer(torch.ones(1, 2)).sum().backward()
-    script.step_unless(optimizer, torch.tensor(nonfinite))
-    moved = [not torch.equal(p, b) for p, b in zip(layer.parameters(), before)]
-    steps = [state["step"].item() for state in optimizer.state.values()]
-    assert moved == [not nonfinite] * 2 and steps == [0.0 if nonfinite else 1.0] * 2
+def tiny_agent(script, **overrides):
+    """Small networks and their optimizers, each optimizer stepped once so that Adam has state."""
+    args = script.Args(feature_dim=4, hidden_dim=8, std_schedule_steps=500_000, **overrides)
+    networks = script.make_networks((3 * args.frame_stack, 84, 84), 2, args, "cpu")
+    optimizers = script.make_optimizers(networks, 1e-3)
+    for name, optimizer in optimizers.items():
+        for parameter in getattr(networks, name).parameters():
+            parameter.grad = torch.ones_like(parameter)
+        optimizer.step()
+    return args, networks, optimizers
 
 
-def test_perturb_leaves_the_conv_encoder_and_factor_one_untouched():
-    encoder = drm.Encoder((9, 84, 84))
-    before = {k: v.clone() for k, v in encoder.state_dict().items()}
-    optimizer = torch.optim.Adam(encoder.parameters())
-    drm.perturb(encoder, optimizer, torch.tensor(0.2))
-    for key, tensor in encoder.state_dict().items():
-        assert torch.equal(tensor, before[key])
-    actor = drm.Actor(16, 2, 4, 8)
-    before = {k: v.clone() for k, v in actor.state_dict().items()}
-    drm.perturb(actor, torch.optim.Adam(actor.parameters()), 1.0)
-    for key, tensor in actor.state_dict().items():
-        assert torch.equal(tensor, before[key])
-
-
-# --------------------------------------------------------------------------------------- schedules
-@pytest.mark.parametrize(
-    "ratio, expected",
-    [(0.0, 1 / (1 + math.exp(2))), (0.2, 0.5), (0.4, 1 / (1 + math.exp(-2))), (1.0, 1 / (1 + math.exp(-8)))],
-)
-def test_dormant_std(script, ratio, expected):
-    assert script.dormant_std(ratio) == pytest.approx(expected)
-    assert script.dormant_std(torch.tensor(ratio)).item() == pytest.approx(expected, rel=1e-6)
-
-
-@pytest.mark.parametrize(
-    "ratio, expected", [(0.0, 0.6 / (1 + math.exp(-10))), (0.2, 0.3), (0.3, 0.6 / (1 + math.exp(5)))]
-)
-def test_exploitation_lambda(script, ratio, expected):
-    assert script.exploitation_lambda(ratio) == pytest.approx(expected)
-    assert script.exploitation_lambda(torch.tensor(ratio)).item() == pytest.approx(expected, rel=1e-5)
-    assert script.exploitation_lambda(0.2, target_lambda=0.5) == pytest.approx(0.25)
+def test_perturb_agent_blends_every_network_in_the_official_order(script):
+    args, networks, optimizers = tiny_agent(script)
+    before = copy.deepcopy(networks)
+    torch.manual_seed(3)
+    script.perturb_agent(networks, optimizers, torch.tensor(0.4))
+    torch.manual_seed(3)  # the fresh draws, in the order actor, critic, target critic, (encoder: none), value
+    for name in ["actor", "critic", "critic_target", "value"]:
+        for old, new in zip(getattr(before, name).modules(), getattr(networks, name).modules()):
+            if isinstance(old, nn.Linear):
+                fresh = nn.init.orthogonal_(torch.empty_like(old.weight))
+                torch.testing.assert_close(new.weight, 0.4 * old.weight + 0.6 * fresh)
+                torch.testing.assert_close(new.bias, 0.4 * old.bias)
+    for old, new in zip(before.encoder.parameters(), networks.encoder.parameters()):
+        assert torch.equal(old, new)  # convolutions only: untouched
+    assert not torch.equal(networks.critic.q1[0].weight, networks.critic_target.q1[0].weight)  # own draws
+    for optimizer in optimizers.values():
+        assert all(torch.count_nonzero(t) == 0 for state in optimizer.state.values() for t in state.values())
 
 
 @pytest.mark.parametrize(
     "ratio, max_factor, expected", [(0.0, 1.0, 1.0), (0.1, 1.0, 0.8), (0.5, 1.0, 0.2), (0.0, 0.6, 0.6), (0.15, 0.6, 0.6)]
 )
 def test_perturb_factor(script, ratio, max_factor, expected):
-    assert script.perturb_factor(ratio, max_factor=max_factor) == pytest.approx(expected)
-    assert script.perturb_factor(torch.tensor(ratio), max_factor=max_factor).item() == pytest.approx(expected)
+    args = script.Args(max_perturb_factor=max_factor)
+    assert script.perturb_factor(args, torch.tensor(ratio)).item() == pytest.approx(expected)
 
 
+# ---------------------------------------------------------------- the DrM decisions: awaken, std, λ
+def sigmoid(x):
+    return 1 / (1 + math.exp(-x))
+
+
+def test_no_awakening_during_seeding_even_with_a_low_dormant_ratio():
+    args = drm.Args(num_seed_frames=4000, action_repeat=2)  # 2000 seed steps: the first update is at step 2000
+    low = torch.tensor(0.1)
+    assert drm.awaken_step_after(args, torch.tensor(2000), low, torch.tensor(-1)).item() == -1
+    assert drm.awaken_step_after(args, torch.tensor(2002), torch.tensor(0.25), torch.tensor(-1)).item() == -1
+    assert drm.awaken_step_after(args, torch.tensor(2002), low, torch.tensor(-1)).item() == 2002
+    assert drm.awaken_step_after(args, torch.tensor(9000), low, torch.tensor(2002)).item() == 2002  # once only
+
+
+def test_metaworld_may_awaken_at_the_first_update():
+    import drm_metaworld
+
+    args = drm_metaworld.Args(num_seed_frames=4000, action_repeat=2)
+    assert drm_metaworld.awaken_step_after(args, torch.tensor(2000), torch.tensor(0.1), torch.tensor(-1)).item() == 2000
+
+
+def test_awake_std_is_the_sigmoid_until_awakening_then_at_least_the_restarted_linear_schedule(script):
+    args = script.Args(std_schedule_steps=500_000)  # linear(1.0, 0.1, 500000), dormant temperature 10
+    step = torch.tensor(251_000)
+    # not awake: sigmoid(10 * (0.1 - 0.2)) = sigmoid(-1), whatever the linear schedule says
+    std = script.exploration_std(args, step, torch.tensor(0.1), torch.tensor(-1))
+    assert std.item() == pytest.approx(sigmoid(-1))
+    # awake since step 1000: linear at 250000 steps since then = 1 - 0.9 * 0.5 = 0.55 > sigmoid(-1)
+    std = script.exploration_std(args, step, torch.tensor(0.1), torch.tensor(1000))
+    assert std.item() == pytest.approx(0.55)
+    # a dormant actor again: sigmoid(10 * (0.5 - 0.2)) = sigmoid(3) = 0.953 > 0.55
+    std = script.exploration_std(args, step, torch.tensor(0.5), torch.tensor(1000))
+    assert std.item() == pytest.approx(sigmoid(3))
+
+
+def test_dormant_exploration_never_awakens_and_linear_is_drqv2s(script):
+    dormant = script.Args(exploration="dormant", std_schedule_steps=500_000)
+    assert script.awaken_step_after(dormant, torch.tensor(10**6), torch.tensor(0.0), torch.tensor(-1)).item() == -1
+    std = script.exploration_std(dormant, torch.tensor(251_000), torch.tensor(0.1), torch.tensor(1000))
+    assert std.item() == pytest.approx(sigmoid(-1))  # the sigmoid alone, even given an awaken step
+    linear = script.Args(exploration="linear", std_schedule_steps=500_000)
+    assert script.awaken_step_after(linear, torch.tensor(10**6), torch.tensor(0.0), torch.tensor(-1)).item() == -1
+    std = script.exploration_std(linear, torch.tensor(125_000), torch.tensor(0.9), torch.tensor(-1))
+    assert std.item() == pytest.approx(1.0 - 0.9 * 0.25)
+
+
+@pytest.mark.parametrize("ratio, expected", [(0.0, 0.6 / (1 + math.exp(-10))), (0.2, 0.3), (0.3, 0.6 / (1 + math.exp(5)))])
+def test_exploitation_lambda(ratio, expected):
+    for script in (drm, importlib.import_module("drm_adroit")):
+        assert script.exploitation_lambda(script.Args(), torch.tensor(ratio)).item() == pytest.approx(expected, rel=1e-5)
+        assert script.exploitation_lambda(script.Args(exploit=False), torch.tensor(ratio)).item() == 0.0
+
+
+def test_metaworld_lambda_is_constant_unless_asked_for_the_dormant_schedule():
+    import drm_metaworld
+
+    assert drm_metaworld.exploitation_lambda(drm_metaworld.Args(), torch.tensor(0.9)).item() == 0.5
+    dormant = drm_metaworld.Args(lambda_schedule="dormant")
+    assert drm_metaworld.exploitation_lambda(dormant, torch.tensor(0.2)).item() == pytest.approx(0.25)
+
+
+def test_td_target_blends_v_and_q_and_is_drqv2s_at_lambda_zero(script):
+    reward, discount = torch.tensor([[1.0], [2.0]]), torch.tensor([[0.9], [0.0]])
+    next_q, next_value = torch.tensor([[10.0], [10.0]]), torch.tensor([[20.0], [20.0]])
+    assert torch.equal(script.td_target(reward, discount, next_q, next_value, torch.tensor(0.0)), reward + discount * next_q)
+    blended = script.td_target(reward, discount, next_q, next_value, torch.tensor(0.25))
+    assert blended.flatten().tolist() == pytest.approx([1 + 0.9 * (0.25 * 20 + 0.75 * 10), 2.0])
+
+
+# ------------------------------------------------------------------------------------ one update
+def toy_batch(script, batch_size=4, frame_stack=3):
+    generator = torch.Generator().manual_seed(0)
+    fields = {
+        "obs": torch.randint(0, 256, (batch_size, 3 * frame_stack, 84, 84), dtype=torch.uint8, generator=generator),
+        "action": torch.rand(batch_size, 2, generator=generator) * 2 - 1,
+        "reward": torch.rand(batch_size, 1, generator=generator),
+        "discount": torch.full((batch_size, 1), 0.99**3),
+        "next_obs": torch.randint(0, 256, (batch_size, 3 * frame_stack, 84, 84), dtype=torch.uint8, generator=generator),
+        "state": torch.rand(batch_size, 24, generator=generator),
+        "next_state": torch.rand(batch_size, 24, generator=generator),
+    }
+    return script.Batch(**{name: fields[name] for name in script.Batch._fields})
+
+
+@pytest.mark.parametrize("exploit", [True, False])
+def test_one_update_on_given_networks_and_batch(script, exploit):
+    # target_dormant_ratio 1: any batch's ratio is below it, so the update at step 300 (past the 200 seed steps) awakens
+    args, networks, optimizers = tiny_agent(script, exploit=exploit, target_dormant_ratio=1.0, num_seed_frames=400)
+    batch = toy_batch(script, frame_stack=args.frame_stack)
+    before = copy.deepcopy(networks)
+    beta, awaken_step, step = torch.tensor(1.0), torch.tensor(-1), torch.tensor(300)
+    torch.manual_seed(0)
+    metrics, features = script.update(networks, optimizers, batch, step, beta, awaken_step, args)
+
+    # β is the actor's dormant ratio (before its own step) on the batch's encoded observations
+    state = (batch.state,) if "state" in script.Batch._fields else ()
+    assert beta.item() == pytest.approx(script.dormant_ratio(before.actor, features, *state).item())
+    assert awaken_step.item() == 300 and metrics["charts/awaken_step"].item() == 300
+    assert metrics["charts/exploration_std"].item() == pytest.approx(script.exploration_std(args, step, beta, awaken_step).item())
+    assert metrics["charts/lambda"].item() == pytest.approx(script.exploitation_lambda(args, beta).item())
+    # the encoder learns through the critic loss; V only with exploitation
+    changed = {name: any(not torch.equal(a, b) for a, b in zip(getattr(before, name).parameters(), getattr(networks, name).parameters()))
+               for name in ["encoder", "actor", "critic", "value"]}  # fmt: skip
+    assert changed == {"encoder": True, "actor": True, "critic": True, "value": exploit}
+    assert ("losses/value_loss" in metrics) == exploit
+    # the target critic moved 1% of the way to the updated critic
+    for old_target, critic, target in zip(before.critic_target.parameters(), networks.critic.parameters(), networks.critic_target.parameters()):
+        assert torch.equal(target, torch.lerp(old_target, critic, args.tau))
+    assert all(math.isfinite(float(value)) for value in metrics.values())
+
+
+# --------------------------------------------------------------------------------------- schedules
 def test_linear_schedule(script):
-    assert script.linear_schedule(1.0, 0.1, 100, 50) == pytest.approx(0.55)
-    assert script.linear_schedule(1.0, 0.1, 100, 500) == pytest.approx(0.1)
-    assert script.linear_schedule(1.0, 0.1, 100, -5) == pytest.approx(1.0)
-    assert script.linear_schedule(1.0, 0.1, 100, torch.tensor(25)).item() == pytest.approx(0.775)
+    assert script.linear_schedule(1.0, 0.1, 100, torch.tensor(50)).item() == pytest.approx(0.55)
+    assert script.linear_schedule(1.0, 0.1, 100, torch.tensor(500)).item() == pytest.approx(0.1)
+    assert script.linear_schedule(1.0, 0.1, 100, torch.tensor(-5)).item() == pytest.approx(1.0)
 
 
 def test_expectile_loss_weights(script):
@@ -215,6 +307,46 @@ def test_sample_action_noise_clip_bounds_and_straight_through_gradient(script):
     assert torch.equal(mean.grad, torch.ones_like(mean))
 
 
+# ------------------------------------------------------------------------------ evaluation videos
+def test_video_schedule_is_capped_cubic(script):
+    assert [e for e in range(3011) if script.video_due(e)] == [0, 1, 8, 27, 64, 125, 216, 343, 512, 729, 1000, 2000, 3000]
+
+
+class FiveStepEnv:
+    """A stand-in env whose episodes last 5 steps; its frames show the step they were rendered at."""
+
+    action_dim = 2
+
+    def reset(self):
+        self.t = 0
+        return np.zeros((9, 84, 84), np.uint8)
+
+    def step(self, action):
+        self.t += 1
+        return np.zeros((9, 84, 84), np.uint8), 1.0, 1.0, self.t == 5
+
+    def render(self, size):
+        return np.full((size, size, 3), self.t, np.uint8)
+
+
+def test_evaluation_streams_the_video_frame_by_frame(monkeypatch, tmp_path):
+    env, appended = FiveStepEnv(), []
+
+    class Writer:  # records at which env step each frame reaches the writer
+        def append_data(self, frame):
+            appended.append((env.t, int(frame[0, 0, 0])))
+
+        def close(self):
+            appended.append("closed")
+
+    monkeypatch.setattr(drm.imageio.v2, "get_writer", lambda path, fps: Writer())
+    networks = drm.make_networks((9, 84, 84), 2, drm.Args(feature_dim=4, hidden_dim=8), "cpu")
+    mean_return = drm.evaluate(env, networks, 2, "cpu", str(tmp_path / "eval.mp4"))
+    assert mean_return == 5.0
+    # each frame is written while its episode runs (not buffered until the end), first episode only
+    assert appended == [(0, 0), (1, 1), (2, 2), (3, 3), (4, 4), "closed"]
+
+
 # ---------------------------------------------------------------------------------------- replay
 def fill(buffer, episodes, terminal=False):
     """Each episode is a list of frame ids; the reset shows the first, step t brings reward = frame id."""
@@ -235,10 +367,13 @@ def stack_ids(obs):
 
 def test_replay_nstep_and_frame_stack_at_episode_start():
     buffer = make_buffer(32)
+    fill(buffer, [[0, 1]])
+    assert not buffer.ready  # a 1-step episode holds no 2-step window yet
     fill(buffer, [[0, 1, 2, 3, 4], [10, 11, 12, 13, 14, 15]])
-    # episode 1 is slots 0..4: starts 0..2 have a full 2-step window; 3 and 4 would cross its end
-    assert buffer.valid.nonzero().flatten().tolist() == [0, 1, 2, 5, 6, 7, 8]
-    batch = buffer.gather(torch.tensor([0, 1, 5]))
+    assert buffer.ready
+    # episode 1 is slots 2..6: starts 2..4 have a full 2-step window; 5 and 6 would cross its end
+    assert buffer.valid.nonzero().flatten().tolist() == [2, 3, 4, 7, 8, 9, 10]
+    batch = buffer.gather(torch.tensor([2, 3, 7]))
     assert stack_ids(batch.obs) == [[0, 0, 0], [0, 0, 1], [10, 10, 10]]  # first frame repeated
     assert stack_ids(batch.next_obs) == [[0, 1, 2], [1, 2, 3], [10, 11, 12]]
     assert batch.action.flatten().tolist() == [1, 2, 11]
@@ -274,6 +409,14 @@ def test_replay_footprint():
     assert 21.1e9 < nbytes < 21.3e9
 
 
+def test_replay_that_fits_nowhere_stops_before_training(script, monkeypatch):
+    monkeypatch.setattr(script, "available_host_memory", lambda: 8 * 1024**3)
+    assert script.replay_device(2 * 1024**3, torch.device("cpu")) == torch.device("cpu")
+    with pytest.raises(SystemExit) as stop:
+        script.replay_device(21_212_000_000, torch.device("cpu"))
+    assert "the replay buffer needs 21.2 GB" in str(stop.value) and "lower --buffer-size" in str(stop.value)
+
+
 # --------------------------------------------------------------------------------- arguments, presets
 VALID = ["walker-walk", "walker-run", "dog-run", "quadruped-walk", "cartpole-balance", "manipulator-bring_ball"]
 
@@ -296,19 +439,56 @@ def test_presets_fill_only_what_the_command_line_left_unset():
     [
         (dict(env_id="walker-wlak"), "did you mean walker-walk"),
         (dict(env_id="nonsense"), "valid ids: cartpole-balance, dog-run"),
-        (dict(total_frames=0), "--total-frames must be positive"),
-        (dict(total_frames=-10), "--total-frames must be positive"),
         (dict(batch_size=512, buffer_size=100), "--batch-size 512 is larger than --buffer-size 100"),
         (dict(nstep=500), "is not shorter than an episode (500 agent steps)"),
         (dict(num_seed_frames=4), "leaves no complete n-step window"),
-        (dict(expectile=1.0), "--expectile must be in (0, 1)"),
-        (dict(min_perturb_factor=0.7, max_perturb_factor=0.6), "perturb factors need"),
+        (dict(min_perturb_factor=0.7, max_perturb_factor=0.6), "--min-perturb-factor 0.7 is above --max-perturb-factor 0.6"),
     ],
 )
-def test_bad_arguments_stop_with_a_reason(overrides, message):
+def test_impossible_combinations_stop_with_a_reason(overrides, message):
     with pytest.raises(SystemExit) as stop:
         drm.resolve_args(drm.Args(**{"env_id": "walker-walk", **overrides}), VALID)
     assert message in str(stop.value)
+
+
+# Every numeric flag of every script, with the values among 0, -1, nan and inf that it accepts; all
+# others must stop the run with a one-line message that names the flag. A new numeric flag fails this
+# test until it is listed here.
+ACCEPTS = {
+    "seed": {0}, "num_seed_frames": set(), "num_eval_episodes": {0}, "std_init": {0}, "std_final": {0},
+    "std_clip": {0}, "dormant_threshold": {0}, "target_dormant_ratio": {0}, "target_lambda": {0},
+    "min_perturb_factor": {0}, "perturb_rate": {0}, "critic_dropout": {0},
+    **dict.fromkeys([
+        "total_frames", "eval_every_frames", "action_repeat", "frame_stack", "buffer_size", "batch_size",
+        "learning_rate", "feature_dim", "hidden_dim", "nstep", "gamma", "tau", "update_every_steps",
+        "std_schedule_steps", "dormant_temp", "lambda_temp", "expectile", "perturb_interval_steps",
+        "max_perturb_factor", "log_every_updates", "checkpoint_every_frames", "shadow_size",
+    ], set()),
+}  # fmt: skip
+
+
+def numeric_fields(args_class):
+    for field in dataclasses.fields(args_class):
+        kinds = set(typing.get_args(field.type)) or {field.type}
+        if kinds & {int, float}:
+            yield field.name, float in kinds
+
+
+def test_every_numeric_flag_rejects_bad_values_in_one_line(script):
+    valid_ids = {"drm": VALID, "drm_adroit": ["door", "hammer", "pen", "relocate"], "drm_metaworld": ["coffee-push"]}
+    env_id = {"drm": "walker-walk", "drm_adroit": "door", "drm_metaworld": "coffee-push"}[script.__name__]
+    fields = dict(numeric_fields(script.Args))
+    assert set(fields) <= set(ACCEPTS), set(fields) - set(ACCEPTS)
+    for name, is_float in fields.items():
+        flag = "--" + name.replace("_", "-")
+        for bad in ["0", "-1", "nan", "inf"] if is_float else ["0", "-1"]:
+            if float(bad) in ACCEPTS[name]:
+                continue
+            args = tyro.cli(script.Args, args=["--env-id", env_id, flag, bad])
+            with pytest.raises(SystemExit) as stop:
+                script.resolve_args(args, valid_ids[script.__name__])
+            message = str(stop.value)
+            assert message.startswith(f"{script.__name__}.py: ") and flag in message and "\n" not in message, (name, bad, message)
 
 
 # ------------------------------------------------------------------------------------------ env
@@ -328,11 +508,3 @@ def test_dmc_env_pixels_stack_actions_and_episode_length():
     twin = drm.make_env("cartpole-balance", seed=1)
     assert np.array_equal(twin.reset(), drm.make_env("cartpole-balance", seed=1).reset())
     assert drm.make_env("quadruped-walk", seed=1).camera_id == 2
-
-
-def test_replay_that_fits_nowhere_stops_before_training(script, monkeypatch):
-    monkeypatch.setattr(script, "available_host_memory", lambda: 8 * 1024**3)
-    assert script.replay_device(2 * 1024**3, torch.device("cpu")) == torch.device("cpu")
-    with pytest.raises(SystemExit) as stop:
-        script.replay_device(21_212_000_000, torch.device("cpu"))
-    assert "the replay buffer needs 21.2 GB" in str(stop.value) and "lower --buffer-size" in str(stop.value)
