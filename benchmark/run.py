@@ -1,17 +1,19 @@
-"""Run an experiment grid of one script: env ids x seeds x variants, locally with parallel workers or
-on a Slurm cluster through submitit. Each run is named `{env_id}__{variant}__{seed}__{time}` under
-`{output_dir}/runs`, which `benchmark/report.py` reads.
+"""Run an experiment grid of one script: env ids x seeds x variants, as a submitit job array, on
+this machine (`--launcher local`, submitit's local executor) or on a Slurm cluster (`--launcher
+slurm`) with the same code. Each run writes `{output_dir}/runs/{env_id}__{variant}__{seed}__{time}`
+(read by `benchmark/report.py`), its output goes to `{output_dir}/logs/{env_id}__{variant}__{seed}.log`
+and submitit's own files (pickled jobs, wrapper logs) to `{output_dir}/submitit`.
 
     python benchmark/run.py --env-ids walker-walk cheetah-run --seeds 1 2 3 --workers 2 --dry-run
     python benchmark/run.py --script drm_metaworld.py --env-ids coffee-push --launcher slurm \\
-        --extra-flags="--cuda" --sweep "threshold-0.05=--dormant-threshold 0.05"
+        --slurm-partition gpu --sweep "threshold-0.05=--dormant-threshold 0.05"
 """
 import itertools
 import os
 import shlex
+import shutil
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -40,20 +42,27 @@ class Args:
     sweep: list[str] = field(default_factory=list)
     """extra variants as `name=flags`, e.g. `threshold-0.05=--dormant-threshold 0.05`"""
     extra_flags: str = ""
-    """flags appended to every command, e.g. `--total-frames 500000 --cuda`"""
+    """flags appended to every command, e.g. `--total-frames 500000 --no-cuda`"""
     output_dir: str = "experiments"
-    """working directory of the runs: runs/, videos/ and logs/ go there"""
+    """working directory of the runs: runs/, videos/, logs/ and submitit/ go there"""
     launcher: Literal["local", "slurm"] = "local"
-    """`local`: parallel subprocesses on this machine; `slurm`: one array job through submitit"""
+    """`local`: the job array runs on this machine (submitit's local executor); `slurm`: it is submitted to Slurm"""
     workers: int = 1
-    """local runs at a time (each gets its share of the CPU threads)"""
+    """local only: runs at a time (each gets its share of the CPU threads); on Slurm every run is its own array task"""
+    timeout_min: int = 4320
+    """time limit of one run in minutes (Slurm's --time; locally, a worker's limit is this times its number of runs)"""
     dry_run: bool = False
     """print the commands and exit"""
     slurm_partition: str | None = None
-    slurm_timeout_min: int = 4320
+    """Slurm partition (None: the cluster's default)"""
     slurm_gpus_per_node: int = 1
+    """GPUs of each run"""
     slurm_cpus_per_task: int = 8
+    """CPU cores of each run, also its OMP_NUM_THREADS"""
     slurm_mem_gb: int = 64
+    """host memory of each run"""
+    slurm_options: list[str] = field(default_factory=list)
+    """more sbatch options as `key=value`, e.g. `account=my-lab qos=high constraint=a100`"""
 
 
 def expand(args):
@@ -70,55 +79,79 @@ def expand(args):
     return jobs
 
 
-def run_logged(name, command, output_dir, env=None):
-    """Run one job with its output in `{output_dir}/logs/{name}.log`; returns its exit status."""
+def run_logged(runs, output_dir, env_changes):
+    """One task of the job array: run the (name, command) pairs one after another in `output_dir`,
+    each with its output in `{output_dir}/logs/{name}.log`; returns their exit statuses.
+    `env_changes` sets variables of the runs' environment (None: unset it)."""
+    env = {key: value for key, value in {**os.environ, **env_changes}.items() if value is not None}
     os.makedirs(os.path.join(output_dir, "logs"), exist_ok=True)
-    with open(os.path.join(output_dir, "logs", f"{name}.log"), "w") as log:
-        return subprocess.run(command, cwd=output_dir, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+    statuses = []
+    for name, command in runs:
+        with open(os.path.join(output_dir, "logs", f"{name}.log"), "w") as log:
+            statuses.append(subprocess.run(command, cwd=output_dir, stdout=log, stderr=subprocess.STDOUT, env=env).returncode)
+    return statuses
 
 
-def check_variants(args):
+def check_args(args):
     unknown = [name for name in args.variants if name not in VARIANTS]
     if unknown:
         sys.exit(f"run.py: unknown variant(s) {', '.join(unknown)}; valid: {', '.join(VARIANTS)} (or --sweep name=flags)")
     malformed = [entry for entry in args.sweep if "=" not in entry]
     if malformed:
         sys.exit(f"run.py: --sweep entries are `name=flags`, got {', '.join(malformed)}")
+    malformed = [entry for entry in args.slurm_options if "=" not in entry]
+    if malformed:
+        sys.exit(f"run.py: --slurm-options entries are `key=value`, got {', '.join(malformed)}")
     if args.workers < 1:
         sys.exit(f"run.py: --workers must be >= 1 (got {args.workers})")
+    if args.timeout_min < 1:
+        sys.exit(f"run.py: --timeout-min must be >= 1 (got {args.timeout_min})")
 
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    check_variants(args)
+    check_args(args)
     jobs = expand(args)
     if args.dry_run:
         for _, command in jobs:
             print(shlex.join(command))
         sys.exit(0)
-    os.makedirs(args.output_dir, exist_ok=True)
+    try:
+        import submitit
+    except ImportError:
+        sys.exit("run.py: the launcher needs submitit: pip install -r requirements-experiments.txt")
+    if args.launcher == "slurm" and not (shutil.which("sbatch") and shutil.which("srun")):
+        sys.exit("run.py: --launcher slurm needs Slurm's sbatch and srun on the PATH (run it where you submit Slurm jobs)")
+    output_dir = os.path.abspath(args.output_dir)  # the jobs may start in another directory
 
     if args.launcher == "slurm":
-        try:
-            import submitit
-        except ImportError:
-            sys.exit("run.py: --launcher slurm needs submitit: pip install -r requirements-experiments.txt")
-        executor = submitit.AutoExecutor(folder=os.path.join(args.output_dir, "slurm"))
-        executor.update_parameters(
-            timeout_min=args.slurm_timeout_min, slurm_partition=args.slurm_partition, gpus_per_node=args.slurm_gpus_per_node,
-            cpus_per_task=args.slurm_cpus_per_task, mem_gb=args.slurm_mem_gb, name="drm",
-        )  # fmt: skip
-        names, commands = zip(*jobs)
-        submitted = executor.map_array(run_logged, names, commands, [args.output_dir] * len(jobs))
-        print(f"submitted {len(submitted)} jobs as Slurm array {submitted[0].job_id.split('_')[0]}; logs in {args.output_dir}/logs")
+        groups = [[job] for job in jobs]
+        env_changes = {"OMP_NUM_THREADS": str(args.slurm_cpus_per_task), "MKL_NUM_THREADS": str(args.slurm_cpus_per_task)}
+    else:
+        # one array task per worker, each running its share of the grid, so that at most `workers`
+        # runs share this machine; they split its CPU threads instead of oversubscribing the cores
+        groups = [jobs[worker :: args.workers] for worker in range(min(args.workers, len(jobs)))]
+        threads = str(max(1, (os.cpu_count() or 1) // len(groups)))
+        # submitit's local executor hides every GPU (CUDA_VISIBLE_DEVICES=""): the runs get those this shell sees
+        env_changes = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
+                       "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES")}  # fmt: skip
+    executor = submitit.AutoExecutor(folder=os.path.join(output_dir, "submitit"), cluster=args.launcher)
+    # the slurm_* parameters apply only on Slurm
+    executor.update_parameters(
+        name="drm", timeout_min=args.timeout_min * max(len(group) for group in groups),
+        slurm_partition=args.slurm_partition, slurm_gpus_per_node=args.slurm_gpus_per_node,
+        slurm_cpus_per_task=args.slurm_cpus_per_task, slurm_mem_gb=args.slurm_mem_gb,
+        slurm_additional_parameters=dict(entry.split("=", 1) for entry in args.slurm_options),
+    )  # fmt: skip
+    submitted = executor.map_array(run_logged, groups, [output_dir] * len(groups), [env_changes] * len(groups))
+    if args.launcher == "slurm":
+        print(f"submitted {len(jobs)} runs as Slurm array {submitted[0].job_id.split('_')[0]}; "
+              f"logs in {output_dir}/logs, runs in {output_dir}/runs")  # fmt: skip
         sys.exit(0)
 
-    # local: split the CPU threads between the workers, so that parallel runs do not oversubscribe the cores
-    threads = str(max(1, (os.cpu_count() or 1) // args.workers))
-    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-    with ThreadPoolExecutor(args.workers) as pool:
-        statuses = list(pool.map(lambda job: run_logged(*job, args.output_dir, env), jobs))
-    failed = [name for (name, _), status in zip(jobs, statuses) if status != 0]
-    print(f"{len(jobs) - len(failed)} of {len(jobs)} runs finished; logs in {args.output_dir}/logs")
+    statuses = [status for job in submitted for status in job.result()]
+    names = [name for group in groups for name, _ in group]
+    failed = [name for name, status in zip(names, statuses) if status != 0]
+    print(f"{len(jobs) - len(failed)} of {len(jobs)} runs finished; logs in {output_dir}/logs, runs in {output_dir}/runs")
     if failed:
-        sys.exit(f"run.py: failed: {', '.join(failed)}")
+        sys.exit(f"run.py: failed: {', '.join(failed)} (see their logs)")
