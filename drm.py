@@ -1,4 +1,4 @@
-# DrM on DeepMind Control from pixels. Docs: README.md, section "drm.py (DeepMind Control)"
+# DrM on DeepMind Control from pixels. Docs: docs/drm.md
 import dataclasses
 import difflib
 import importlib.util

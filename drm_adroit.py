@@ -1,4 +1,4 @@
-# DrM on the Adroit hands from pixels and proprioception. Docs: README.md, section "drm_adroit.py (Adroit hands)"
+# DrM on the Adroit hands from pixels and proprioception. Docs: docs/drm_adroit.md
 import difflib
 import importlib.util
 import math
@@ -161,6 +161,7 @@ ADROIT_TASKS = {
 }  # fmt: skip
 STATE_DIM = 24
 PEN_DROP_HEIGHT = 0.075  # the original pen episode terminates when the pen falls below this height
+PEN_GEOMS = ("pen", "target")  # the pen and the goal pen: opaque in DrM's models, alpha 0.6 and 0.3 here
 VIDEO_SIZE = 256  # evaluation videos are rendered larger than what the agent sees
 RENDER_HELP = (
     "On Debian/Ubuntu install the EGL libraries: "
@@ -230,6 +231,9 @@ class AdroitEnv:
             position, quaternion = self.task.camera_pose
             model.cam_pos[self.camera_id] = position
             model.cam_quat[self.camera_id] = np.asarray(quaternion) / np.linalg.norm(quaternion)
+        if env_id == "pen":  # the pens as DrM's agent saw them
+            for name in PEN_GEOMS:
+                model.geom_rgba[mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_GEOM, name), 3] = 1.0
         # one persistent renderer per size: gymnasium's env.render() returns black frames once a process
         # holds a second GL context
         self.renderers = {size: make_renderer(model, size)}

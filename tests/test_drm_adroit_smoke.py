@@ -14,10 +14,10 @@ TINY = ["--num-seed-frames", "400", "--batch-size", "8", "--buffer-size", "2000"
 
 
 def test_adroit_smoke_run_writes_events_video_and_a_model_that_evaluates(tmp_path):
-    # hammer: 100-agent-step episodes; 300 agent steps = 3 episodes, updates from step 200
+    # hammer at action repeat 4: 50-agent-step episodes; 150 agent steps = 3 episodes, updates from step 100
     result = run_script(
-        SCRIPT, "--env-id", "hammer", *TINY, "--total-frames", "600", "--eval-every-frames", "100000",
-        "--num-eval-episodes", "2", "--perturb-interval-steps", "50", "--capture-video", "--save-model",
+        SCRIPT, "--env-id", "hammer", *TINY, "--action-repeat", "4", "--total-frames", "600", "--eval-every-frames",
+        "100000", "--num-eval-episodes", "1", "--perturb-interval-steps", "20", "--capture-video", "--save-model",
         "--exp-name", "smoke", "--no-cuda", cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -38,12 +38,12 @@ def test_adroit_smoke_run_writes_events_video_and_a_model_that_evaluates(tmp_pat
     assert logged["charts/episodic_length"] == [(200, 200.0), (400, 200.0), (600, 200.0)]  # env frames
     assert [value for _, value in logged["charts/success_rate"]] == [0.0, 0.0, 0.0]  # random hammering
     assert [step for step, _ in logged["eval/success_rate"]] == [0]
-    assert [step for step, _ in logged["charts/perturb_factor"]] == [400, 500]  # agent steps 200, 250
-    assert len(logged["losses/qf_loss"]) == 50 // 10  # 50 updates, one write per 10
+    assert [step for step, _ in logged["charts/perturb_factor"]] == [400, 480, 560]  # agent steps 100, 120, 140
+    assert len(logged["losses/qf_loss"]) == 3  # 25 updates, written at agent steps 100, 120, 140
 
     (video,) = glob.glob(str(tmp_path / "videos" / run_dir.name / "*.mp4"))
     frames = iio.imread(video)
-    assert frames.shape[0] == 100 and frames.shape[1:3] == (256, 256) and frames.mean() > 20
+    assert frames.shape[0] == 50 and frames.shape[1:3] == (256, 256) and frames.mean() > 20
 
     model = torch.load(run_dir / "smoke.cleanrl_model", weights_only=False)
     assert {"encoder", "actor", "critic", "critic_target", "value", "args"} <= set(model)
@@ -58,7 +58,7 @@ def test_adroit_smoke_run_writes_events_video_and_a_model_that_evaluates(tmp_pat
 
 def test_adroit_pen_drqv2_mode(tmp_path):
     result = run_script(
-        SCRIPT, "--env-id", "pen", *TINY, "--total-frames", "500", "--num-eval-episodes", "1",
+        SCRIPT, "--env-id", "pen", *TINY, "--action-repeat", "4", "--total-frames", "500", "--num-eval-episodes", "1",
         "--no-perturb", "--exploration", "linear", "--no-exploit", cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]

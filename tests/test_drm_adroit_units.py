@@ -130,6 +130,21 @@ def test_camera_poses_are_drms(make_env, env_id, position):
     assert np.abs(stock.astype(int) - env.render().astype(int)).mean() > 5
 
 
+def test_pen_and_goal_pen_are_opaque_as_in_drms_model(make_env):
+    env = make_env("pen")
+    model = env.env.model
+    pen, goal = (name_id(model, mujoco.mjtObj.mjOBJ_GEOM, name) for name in ("pen", "target"))
+    assert model.geom_rgba[pen].tolist() == pytest.approx([0.6, 0.6, 0.6, 1.0])
+    assert model.geom_rgba[goal].tolist() == pytest.approx([0.6, 0.6, 0.6, 1.0])
+    opaque, _ = env.reset()
+    model.geom_rgba[[pen, goal], 3] = [0.6, 0.3]  # gymnasium-robotics' stock alphas
+    see_through = env.render().transpose(2, 0, 1)
+    changed = np.abs(opaque.astype(int) - see_through.astype(int)).max(axis=0) > 10
+    assert 20 < changed.sum() < 0.3 * changed.size  # the pens' pixels, not the whole picture
+    model.geom_rgba[[pen, goal], 3] = 1.0
+    assert np.array_equal(env.render().transpose(2, 0, 1), opaque)  # the alpha alone made the difference
+
+
 @pytest.mark.parametrize("env_id, hand_qpos", [("door", (4, 28)), ("hammer", (2, 26)), ("pen", (0, 24)), ("relocate", (6, 30))])
 def test_state_is_the_24_hand_joint_positions(make_env, env_id, hand_qpos):
     env = make_env(env_id)

@@ -58,7 +58,7 @@ def test_camera_is_drms_moved_corner2(make_env):
 
 
 def test_episode_success_length_and_frame_stack(make_env):
-    env = make_env("reach", seed=1)
+    env = make_env("reach", seed=1, action_repeat=10)  # 50 agent steps per episode
     obs, last, step = env.reset(), False, 0
     successes = []
     while not last:
@@ -68,11 +68,11 @@ def test_episode_success_length_and_frame_stack(make_env):
         obs, reward, discount, last = env.step(action)
         step += 1
         successes.append(env.success)
-        assert discount == 1.0 and 0.0 <= reward <= 20.0  # two env steps of 0..10
+        assert discount == 1.0 and 0.0 <= reward <= 100.0  # ten env steps of 0..10
         assert np.array_equal(obs[:6], previous[3:])  # the stack shifts by one frame
-    assert step == 250 and env.episode_frames == 500  # 500 env steps, the benchmark's limit
+    assert step == 50 and env.episode_frames == 500  # 500 env steps, the benchmark's limit
     first = successes.index(True)  # the hand reached the goal ...
-    assert 0 < first < 100 and all(successes[first:])  # ... and the episode stays a success
+    assert 0 < first < 20 and all(successes[first:])  # ... and the episode stays a success
     env.reset()
     assert not env.success
 
