@@ -338,10 +338,14 @@ if __name__ == "__main__":
                       header, "|---|---|" + "---|" * len(args.budgets)]  # fmt: skip
             figure, axis = plt.subplots(figsize=(6, 4))
             published = baseline_for(baseline, env_id) if metric == "eval/episodic_return" else None
+            # the published curves run to 1M frames or more: show them only as far as these runs or budgets go
+            shown_until = max([*args.budgets] + [s[metric][0][-1] for seeds in variants.values() for s in seeds.values() if metric in s])
             for variant, seeds in {**variants, **({BASELINE: published} if published else {})}.items():
                 cells = [seeds_cell(seeds, metric, budget) for budget in args.budgets]
                 lines.append(f"| {variant} | {len(seeds)} | " + " | ".join(cells) + " |")
                 steps, values = common_grid(seeds, metric)
+                if variant == BASELINE:
+                    steps, values = steps[steps <= shown_until], values[steps <= shown_until]
                 if len(steps):
                     style = dict(color="black", linestyle="--") if variant == BASELINE else {}
                     line = axis.plot(steps, values.mean(axis=1), label=variant, **style)[0]
@@ -360,6 +364,7 @@ if __name__ == "__main__":
                 if len(steps):
                     axis.plot(steps, values.mean(axis=1), label=variant)
             axis.set(xlabel="env frames", title=f"{env_id}: {tag}")
+            axis.locator_params(axis="x", nbins=5)
         axes[0].legend()
         figure.savefig(os.path.join(args.output, f"{env_id}_drm_signals.png"), dpi=120, bbox_inches="tight")
         plt.close(figure)

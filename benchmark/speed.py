@@ -134,15 +134,25 @@ def main(args, script_args=()):
     total_frames = args.seed_frames + args.warmup_frames + args.measure_frames
     start_frame = args.seed_frames + args.warmup_frames
 
-    logged = {mode: run_mode(args, script_args, mode, total_frames) for mode in modes}
-    results = {}
+    # Each mode's result is printed and written as soon as its run ends, so a time-boxed benchmark
+    # (a GPU lease, a `timeout`) keeps every mode it finished.
+    machine = hardware(cuda)
+    logged, results = {}, {}
     for mode in modes:
+        logged[mode] = run_mode(args, script_args, mode, total_frames)
         frames_per_second, update_ms = measure(logged[mode], start_frame)
         results[mode] = {"frames_per_second": frames_per_second, "update_ms": update_ms}
         if mode not in ("env-only", "eager") and "eager" in logged:
             results[mode]["qf_loss_difference"] = loss_difference(logged[mode], logged["eager"])
+        timing = "" if mode == "env-only" else f", {update_ms:.1f} ms per update"
+        print(f"{mode}: {frames_per_second:.1f} frames/s{timing}", flush=True)
+        with open(os.path.join(args.output, "speed.json"), "w") as file:
+            json.dump({"hardware": machine, "args": vars(args), "script_args": list(script_args), "results": results}, file, indent=2)
+    print(speed_table(args, script_args, machine, results))
+    return results
 
-    machine = hardware(cuda)
+
+def speed_table(args, script_args, machine, results):
     env_only = results.get("env-only", {}).get("frames_per_second")
     eager = results.get("eager", {}).get("frames_per_second")
     lines = [
@@ -164,10 +174,7 @@ def main(args, script_args=()):
             f"{result['qf_loss_difference']:.1e}" if "qf_loss_difference" in result else "",
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    print("\n".join(lines))
-    with open(os.path.join(args.output, "speed.json"), "w") as file:
-        json.dump({"hardware": machine, "args": vars(args), "script_args": list(script_args), "results": results}, file, indent=2)
-    return results
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ def test_speed_on_the_cpu_measures_every_mode_and_compile_learns_like_eager(tmp_
     assert results["eager"]["update_ms"] > 0 and results["compile"]["update_ms"] > 0
     assert results["compile"]["qf_loss_difference"] < 1e-3  # the 6 logged losses of 62 updates
     assert "| env-only |" in table and "| compile |" in table and "no GPU" in table
+    assert "\neager: " in table and " ms per update\n" in table  # each mode is reported when its run ends
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
