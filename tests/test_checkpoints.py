@@ -142,12 +142,12 @@ def test_a_nonfinite_loss_stops_naming_the_checkpoint_and_unusable_resumes_stop_
 
 def test_resident_memory_stays_flat_once_the_buffer_is_full(tmp_path):
     flags, episode = SETUPS["drm.py"]
-    # a 500-slot buffer is full after 4 episodes of 126 slots; then 6 more episodes and 3 evaluations
+    # a 250-slot buffer is full after 2 episodes of 126 slots; then 4 more episodes and 2 evaluations
     # one malloc arena that returns freed memory: RSS then tracks what the run holds instead of
     # wandering by +-15 MB with the allocator's per-thread arenas (render and torch threads)
     steady_malloc = {**os.environ, "MALLOC_ARENA_MAX": "1", "MALLOC_TRIM_THRESHOLD_": "65536"}
-    process = start(tmp_path, "drm.py", *flags, *COMMON, "--buffer-size", "500", "--update-every-steps", "16",
-                    "--total-frames", str(10 * episode), "--eval-every-frames", str(4 * episode), env=steady_malloc)  # fmt: skip
+    process = start(tmp_path, "drm.py", *flags, *COMMON, "--buffer-size", "250", "--update-every-steps", "16",
+                    "--total-frames", str(6 * episode), "--eval-every-frames", str(3 * episode), env=steady_malloc)  # fmt: skip
     resident = {}
     for line in process.stdout:
         if ", episode=" in line:
@@ -155,8 +155,8 @@ def test_resident_memory_stays_flat_once_the_buffer_is_full(tmp_path):
                 rss_kb = next(int(field.split()[1]) for field in status if field.startswith("VmRSS:"))
             resident[int(line.split(", episode=")[1].split(",")[0])] = rss_kb
     assert process.wait(timeout=60) == 0, process.stderr.read()[-3000:]
-    growth_mb = (resident[10] - resident[5]) / 1024
-    assert growth_mb < 4, f"resident memory grew by {growth_mb:.1f} MB from episode 5 to 10: {resident}"
+    growth_mb = (resident[6] - resident[3]) / 1024
+    assert growth_mb < 4, f"resident memory grew by {growth_mb:.1f} MB from episode 3 to 6: {resident}"
 
 
 @pytest.mark.skipif(__import__("importlib").util.find_spec("wandb") is not None, reason="wandb is installed here")
