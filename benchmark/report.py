@@ -339,13 +339,15 @@ if __name__ == "__main__":
             figure, axis = plt.subplots(figsize=(6, 4))
             published = baseline_for(baseline, env_id) if metric == "eval/episodic_return" else None
             # the published curves run to 1M frames or more: show them only as far as these runs or budgets go
-            shown_until = max([*args.budgets] + [s[metric][0][-1] for seeds in variants.values() for s in seeds.values() if metric in s])
+            last_evaluations = [scalars[metric][0][-1] for seeds in variants.values() for scalars in seeds.values() if metric in scalars]
+            shown_until = max([*args.budgets, *last_evaluations])
             for variant, seeds in {**variants, **({BASELINE: published} if published else {})}.items():
                 cells = [seeds_cell(seeds, metric, budget) for budget in args.budgets]
                 lines.append(f"| {variant} | {len(seeds)} | " + " | ".join(cells) + " |")
                 steps, values = common_grid(seeds, metric)
                 if variant == BASELINE:
-                    steps, values = steps[steps <= shown_until], values[steps <= shown_until]
+                    shown = steps <= shown_until
+                    steps, values = steps[shown], values[shown]
                 if len(steps):
                     style = dict(color="black", linestyle="--") if variant == BASELINE else {}
                     line = axis.plot(steps, values.mean(axis=1), label=variant, **style)[0]
