@@ -1,7 +1,14 @@
 # DrM on the Adroit hands from pixels and proprioception. Docs: docs/drm_adroit.md
+import atexit
+import contextlib
+import dataclasses
 import difflib
+import functools
 import importlib.util
 import math
+import multiprocessing
+import multiprocessing.connection
+import multiprocessing.resource_tracker
 import os
 import random
 import signal
@@ -133,6 +140,8 @@ class Args:
     """capture acting and the update as CUDA graphs (needs a GPU and the replay in GPU memory)"""
     tf32: bool = True
     """TF32 tensor cores for float32 matmuls and convolutions on Ampere and newer GPUs (`--no-tf32`: IEEE float32)"""
+    eval_workers: int | None = None
+    """processes that run evaluation episodes side by side (None: one per episode, up to the cores this process may use; 1: in this process)"""
 
 
 # The four tasks as DrM ran them (XuGW-Kevin/DrM at 317116a: cfgs/task/door.yaml and its siblings over
@@ -274,9 +283,10 @@ class AdroitEnv:
     def _observation(self):
         return np.concatenate(self.frames, axis=0)
 
-    def reset(self):
-        """Returns (observation, state). The first reset seeds the env's generator, later ones continue it."""
-        self.env.reset(seed=self.seed)
+    def reset(self, seed=None):
+        """Returns (observation, state). `seed` re-seeds the env's generator; without one, the first reset
+        seeds it with the run's seed and later ones continue it."""
+        self.env.reset(seed=self.seed if seed is None else seed)
         self.seed = None
         self.episode_frames, self.successful_frames = 0, 0
         frame = self.render().transpose(2, 0, 1).copy()
@@ -748,22 +758,36 @@ def video_due(evaluation):
     return evaluation % 1000 == 0
 
 
+def eval_episode_seeds(seed, evaluation, num_episodes):
+    """The seed of each episode of the evaluation numbered `evaluation` (0, 1, 2, ...): drawn from (seed,
+    evaluation, episode), so that every episode starts where it would in any order and in any process."""
+    return [int(np.random.SeedSequence([seed, evaluation, episode]).generate_state(1)[0]) for episode in range(num_episodes)]
+
+
 @torch.no_grad()
-def evaluate(env, networks, num_episodes, device, video_path=None):
-    """(Mean return, success rate) over `num_episodes` with the mean action. With `video_path`, the
-    first episode is streamed into that mp4 frame by frame."""
+def mean_action(networks, obs, state, device):
+    """The action evaluation takes: the policy's mean for one observation and hand state, without noise."""
+    features = networks.encoder(torch.as_tensor(obs, device=device).unsqueeze(0))
+    return networks.actor(features, torch.as_tensor(state, device=device).unsqueeze(0))[0].cpu().numpy()
+
+
+def video_writer(path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    return imageio.v2.get_writer(path, fps=30)
+
+
+def evaluate(env, networks, episode_seeds, device, video_path=None):
+    """(Mean return, success rate) of the mean action over one episode per seed in `episode_seeds`. With
+    `video_path`, the first episode is streamed into that mp4 frame by frame."""
     returns, successes, video = [], [], None
     if video_path:
-        os.makedirs(os.path.dirname(video_path), exist_ok=True)
-        video = imageio.v2.get_writer(video_path, fps=30)
-    for episode in range(num_episodes):
-        (obs, state), last, episode_return = env.reset(), False, 0.0
+        video = video_writer(video_path)
+    for episode, seed in enumerate(episode_seeds):
+        (obs, state), last, episode_return = env.reset(seed), False, 0.0
         while not last:
             if video is not None and episode == 0:
                 video.append_data(env.render(VIDEO_SIZE))
-            features = networks.encoder(torch.as_tensor(obs, device=device).unsqueeze(0))
-            action = networks.actor(features, torch.as_tensor(state, device=device).unsqueeze(0))[0].cpu().numpy()
-            obs, state, reward, _, last = env.step(action)
+            obs, state, reward, _, last = env.step(mean_action(networks, obs, state, device))
             episode_return += reward
         returns.append(episode_return)
         successes.append(env.success)
@@ -791,10 +815,14 @@ def main():
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     if args.cudagraphs and device.type != "cuda":
         fail("--cudagraphs needs a CUDA GPU and --cuda")
+    # from here on a stop signal ends the run with a checkpoint at an episode end (RUN OPERATIONS)
+    checkpoints = Checkpoints(run_dir, args.checkpoint_every_frames, checkpoint["next_step"] * args.action_repeat if checkpoint else 0)
 
-    # env setup: train and eval envs share the seed, as in the official code
+    # env setup: the training env, seeded with the run's seed, and evaluation: `evaluate` on an eval env of
+    # its own, or its episodes spread over worker processes (RUN OPERATIONS: speed); each evaluation
+    # episode starts from a seed of its own (eval_episode_seeds)
     env = make_env(args.env_id, args.seed, args.action_repeat, args.frame_stack)
-    eval_env = make_env(args.env_id, args.seed, args.action_repeat, args.frame_stack)
+    evaluate_policy, close_evaluation = make_evaluation(args)
     obs_shape, action_dim = env.observation_shape, env.action_dim
     frame_shape = (3, *obs_shape[1:])
 
@@ -852,12 +880,11 @@ def main():
     recent_successes = deque(maxlen=10)  # training episodes behind charts/success_rate
     if checkpoint is not None:
         start_step, episode_count = restore_run_state(
-            checkpoint, networks, optimizers, beta, awaken_step, recent_successes, (env, eval_env), rb, device
+            checkpoint, networks, optimizers, beta, awaken_step, recent_successes, env, rb, device
         )
         del checkpoint  # its replay copy would double the buffer's memory
-    checkpoints = Checkpoints(run_dir, args.checkpoint_every_frames, start_step * args.action_repeat)
     metrics, episode_return, episode_actions = {}, 0.0, []  # episode_actions: behind charts/action_*
-    start_time = time.time()
+    start_time, stopwatch = time.time(), Stopwatch()
 
     # TRY NOT TO MODIFY: start the game
     obs, state = env.reset()
@@ -868,9 +895,11 @@ def main():
         global_step = step * args.action_repeat
 
         if step % eval_every_steps == 0 and args.num_eval_episodes > 0:
-            recorded = args.capture_video and video_due(step // eval_every_steps)
-            video_path = f"videos/{run_name}/{global_step}.mp4" if recorded else None
-            eval_return, eval_success = evaluate(eval_env, networks, args.num_eval_episodes, device, video_path)
+            evaluation = step // eval_every_steps
+            video_path = f"videos/{run_name}/{global_step}.mp4" if args.capture_video and video_due(evaluation) else None
+            with stopwatch("eval"):
+                episode_seeds = eval_episode_seeds(args.seed, evaluation, args.num_eval_episodes)
+                eval_return, eval_success = evaluate_policy(networks, episode_seeds, device, video_path)
             print(
                 f"global_step={global_step}, eval/episodic_return={eval_return:.2f}, eval/success_rate={eval_success:.2f}",
                 flush=True,
@@ -880,24 +909,27 @@ def main():
 
         # ALGO LOGIC: put action logic here
         step_tensor.fill_(step)
-        if step < num_seed_steps:
-            action = np.random.uniform(-1.0, 1.0, action_dim).astype(np.float32)
-        else:
-            action = policy(obs_device, state_device, step_tensor).cpu().numpy()
+        with stopwatch("update"):  # on a GPU, acting waits here for the last update to finish
+            if step < num_seed_steps:
+                action = np.random.uniform(-1.0, 1.0, action_dim).astype(np.float32)
+            else:
+                action = policy(obs_device, state_device, step_tensor).cpu().numpy()
 
         # ALGO LOGIC: training, queued on the device before the env step so that the two run side by side
         updating = step >= num_seed_steps and step % args.update_every_steps == 0 and rb.ready
         if updating:
-            if args.perturb and step % args.perturb_interval_steps == 0:
-                factor = perturb_factor(args, beta)
-                perturb_agent(networks, optimizers, factor)
-                writer.add_scalar("charts/perturb_factor", factor.item(), global_step)
-            update_timer.start()
-            metrics, features, batch = learn(step_tensor)
-            update_timer.stop()
+            with stopwatch("update"):
+                if args.perturb and step % args.perturb_interval_steps == 0:
+                    factor = perturb_factor(args, beta)
+                    perturb_agent(networks, optimizers, factor)
+                    writer.add_scalar("charts/perturb_factor", factor.item(), global_step)
+                update_timer.start()
+                metrics, features, batch = learn(step_tensor)
+                update_timer.stop()
 
         # TRY NOT TO MODIFY: execute the game and log data
-        obs, state, reward, discount, last = env.step(action)
+        with stopwatch("env"):
+            obs, state, reward, discount, last = env.step(action)
         obs_device, state_device = torch.as_tensor(obs, device=device), torch.as_tensor(state, device=device)
         rb.add(obs_device[-3:], state_device, action, reward, discount, first=False)
 
@@ -933,14 +965,19 @@ def main():
             actions = np.stack(episode_actions)
             writer.add_scalar("charts/action_magnitude", np.abs(actions).mean(), frames_done)
             writer.add_scalar("charts/action_change", np.abs(np.diff(actions, axis=0)).mean(), frames_done)
+            # where the wall time went since the last episode end (RUN OPERATIONS: speed)
+            for phase, seconds in stopwatch.read().items():
+                writer.add_scalar(f"perf/{phase}_seconds", seconds, frames_done)
             # checkpoints sit between episodes: a resumed run starts the next episode as this run would
             if checkpoints.due(frames_done):
                 stop_if_nonfinite(metrics, global_step, checkpoints)  # never checkpoint a broken state
                 checkpoints.save(
-                    run_state(args, step + 1, episode_count, networks, optimizers, beta, awaken_step, recent_successes, (env, eval_env), rb, device),
+                    run_state(args, step + 1, episode_count, networks, optimizers, beta, awaken_step, recent_successes, env, rb, device),
                     writer,
                 )
-            (obs, state), episode_return, episode_actions = env.reset(), 0.0, []
+            with stopwatch("env"):
+                obs, state = env.reset()
+            episode_return, episode_actions = 0.0, []
             obs_device, state_device = torch.as_tensor(obs, device=device), torch.as_tensor(state, device=device)
             rb.add(obs_device[-3:], state_device, np.zeros(action_dim, np.float32), 0.0, 1.0, first=True)
 
@@ -949,9 +986,9 @@ def main():
         torch.save({name: network.state_dict() for name, network in networks._asdict().items()} | {"args": vars(args)}, model_path)
         print(f"model saved to {model_path}")
 
-    writer.close()
+    close_evaluation()
     env.close()
-    eval_env.close()
+    writer.close()
 
 
 # ======================================================================================================
@@ -969,7 +1006,7 @@ FLAG_RULES = {
     **dict.fromkeys(["total_frames", "eval_every_frames", "action_repeat", "frame_stack", "buffer_size", "batch_size",
                      "learning_rate", "feature_dim", "hidden_dim", "nstep", "update_every_steps", "std_schedule_steps",
                      "dormant_temp", "lambda_temp", "perturb_interval_steps", "log_every_updates",
-                     "checkpoint_every_frames"], POSITIVE),
+                     "checkpoint_every_frames", "eval_workers"], POSITIVE),
     **dict.fromkeys(["num_seed_frames", "num_eval_episodes", "std_init", "std_final", "std_clip", "perturb_rate"], NON_NEGATIVE),
     **dict.fromkeys(["dormant_threshold", "target_dormant_ratio", "target_lambda", "min_perturb_factor",
                      "max_perturb_factor"], FRACTION),
@@ -1023,10 +1060,14 @@ def parse_args():
         changed = [
             f"--{key.replace('_', '-')} {value} (checkpoint: {checkpoint['args'].get(key)})"
             for key, value in vars(args).items()
-            if key not in RESUMABLE_CHANGES and checkpoint["args"].get(key) != value
+            if key not in RESUMABLE_CHANGES | ROUNDING_CHANGES and checkpoint["args"].get(key) != value
         ]
         if changed:
             fail(f"--resume continues the same run, but these arguments differ: {'; '.join(changed)}")
+        rounding = [key for key in sorted(ROUNDING_CHANGES) if checkpoint["args"].get(key) != getattr(args, key)]
+        if rounding:
+            flags = ", ".join(f"--{key.replace('_', '-')}" for key in rounding)
+            print(f"--resume with another {flags}: the run goes on, but no longer bit-identical to an uninterrupted run")
     print("resolved arguments:\n" + "\n".join(f"  {key}: {value}" for key, value in vars(args).items()))
     if args.print_config:
         sys.exit(0)
@@ -1052,16 +1093,22 @@ def evaluate_saved_model(args):
         fail(f"--eval-model: {args.eval_model} is not a model saved by --save-model ({type(error).__name__})")
     env = make_env(saved_args.env_id, saved_args.seed, saved_args.action_repeat, saved_args.frame_stack)
     networks = make_networks(env.observation_shape, env.action_dim, saved_args, device)
+    env.close()
     for name, network in networks._asdict().items():
         network.load_state_dict(saved[name])
     run_name = os.path.basename(os.path.dirname(os.path.abspath(args.eval_model)))
     video_path = f"videos/{run_name}-eval/{saved_args.exp_name}.mp4" if args.capture_video else None
-    eval_return, eval_success = evaluate(env, networks, args.num_eval_episodes, device, video_path)
+    # the episodes of the run's first evaluation, as many as asked for now
+    evaluate_policy, close_evaluation = make_evaluation(
+        dataclasses.replace(saved_args, num_eval_episodes=args.num_eval_episodes, eval_workers=args.eval_workers)
+    )
+    episode_seeds = eval_episode_seeds(saved_args.seed, 0, args.num_eval_episodes)
+    eval_return, eval_success = evaluate_policy(networks, episode_seeds, device, video_path)
+    close_evaluation()
     print(
         f"{args.eval_model}: eval/episodic_return={eval_return:.2f}, eval/success_rate={eval_success:.2f} "
         f"over {args.num_eval_episodes} episodes"
     )  # fmt: skip
-    env.close()
 
 
 # ======================================================================================================
@@ -1069,13 +1116,16 @@ def evaluate_saved_model(args):
 # what the agent learns; a reader may skip this section.
 # ======================================================================================================
 CHECKPOINT_NAME = "checkpoint.pt"
-CHECKPOINT_KEYS = {"args", "next_step", "episode_count", "recent_successes", "drm_state", "networks", "optimizers", "rng", "envs", "replay"}
+CHECKPOINT_KEYS = {"args", "next_step", "episode_count", "recent_successes", "drm_state", "networks", "optimizers", "rng", "env", "replay"}
 REPLAY_FIELDS = ("frames", "states", "actions", "rewards", "discounts", "episode_steps", "valid")
 # arguments that change nothing the agent does, and so may differ from the checkpoint's on --resume
 RESUMABLE_CHANGES = {
     "resume", "total_frames", "track", "wandb_project_name", "wandb_entity", "capture_video", "save_model",
-    "print_config", "checkpoint_every_frames", "checkpoint_replay", "compile", "cudagraphs",
+    "print_config", "checkpoint_every_frames", "checkpoint_replay", "compile", "cudagraphs", "eval_workers",
 }  # fmt: skip
+# arguments that change only the float rounding: a resumed run may change them (to move to another device,
+# say), and then goes on as the same run up to rounding, no longer bit-identical to the uninterrupted one
+ROUNDING_CHANGES = {"cuda", "tf32", "torch_deterministic"}
 
 
 def load_checkpoint(path):
@@ -1095,7 +1145,7 @@ def load_checkpoint(path):
     return checkpoint, path
 
 
-def run_state(args, next_step, episode_count, networks, optimizers, beta, awaken_step, recent_successes, envs, rb, device):
+def run_state(args, next_step, episode_count, networks, optimizers, beta, awaken_step, recent_successes, env, rb, device):
     """Everything the run needs to go on from agent step `next_step` at the start of a new episode. A
     replay that is not full is kept up to its fill level, which copies that part once."""
     rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
@@ -1116,12 +1166,12 @@ def run_state(args, next_step, episode_count, networks, optimizers, beta, awaken
         "networks": {name: network.state_dict() for name, network in networks._asdict().items()},
         "optimizers": {name: optimizer.state_dict() for name, optimizer in optimizers.items()},
         "rng": rng,
-        "envs": [env.rng_state() for env in envs],
+        "env": env.rng_state(),  # evaluation episodes draw their starts from seeds of their own
         "replay": replay,
     }
 
 
-def restore_run_state(checkpoint, networks, optimizers, beta, awaken_step, recent_successes, envs, rb, device):
+def restore_run_state(checkpoint, networks, optimizers, beta, awaken_step, recent_successes, env, rb, device):
     """Load a `run_state` checkpoint into the run; returns (the agent step to go on from, episodes so
     far). Without its replay, the buffer starts empty and updates wait for a complete n-step window."""
     for name, network in networks._asdict().items():
@@ -1137,8 +1187,7 @@ def restore_run_state(checkpoint, networks, optimizers, beta, awaken_step, recen
     torch.set_rng_state(rng["torch"])
     if device.type == "cuda" and "cuda" in rng:
         torch.cuda.set_rng_state(rng["cuda"], device)
-    for env, state in zip(envs, checkpoint["envs"], strict=True):
-        env.set_rng_state(state)
+    env.set_rng_state(checkpoint["env"])
     replay = checkpoint["replay"]
     if replay is not None:
         for field in REPLAY_FIELDS:
@@ -1160,28 +1209,41 @@ def save_checkpoint(state, path):
     os.replace(temporary, path)
 
 
+# Ctrl-C, and what clusters send before a pre-emption or a time limit (Slurm: SIGTERM; submitit: SIGUSR2)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+
 class Checkpoints:
-    """Checkpoints into `run_dir` at episode ends: every `every_frames` env frames (None: never), and
-    when SIGINT or SIGTERM (pre-emption) asks the run to stop, after which the run exits with 128 + the
-    signal number; a second signal exits at once. `resumed_frame`: the frame of the checkpoint this run
-    resumed from (0 for a new run)."""
+    """Checkpoints into `run_dir` at episode ends: every `every_frames` env frames (None: never), and when
+    a stop signal asks the run to stop, after which the run exits with 128 + the signal number. Repeats
+    of a signal change nothing (Slurm sends SIGTERM again when a pre-emption's grace time ends: the run
+    keeps going to its checkpoint until it is killed), except a second Ctrl-C, which stops at once and
+    keeps the last complete checkpoint. `resumed_frame`: the frame of the checkpoint this run resumed
+    from (0 for a new run)."""
 
     def __init__(self, run_dir, every_frames, resumed_frame):
         self.run_dir, self.path, self.every_frames = run_dir, os.path.join(run_dir, CHECKPOINT_NAME), every_frames
+        self.resume_command = f"{sys.executable} {os.path.abspath(__file__)} --resume {os.path.abspath(run_dir)}"
         self.last_frame = resumed_frame or None  # the global step of the last complete checkpoint
         self.next_frame = self._next_after(resumed_frame)
         self.stop_signal = None
-        signal.signal(signal.SIGINT, self._request_stop)
-        signal.signal(signal.SIGTERM, self._request_stop)
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, self._request_stop)
 
     def _next_after(self, frame):
         return (frame // self.every_frames + 1) * self.every_frames if self.every_frames else None
 
     def _request_stop(self, signum, _frame):
-        if self.stop_signal is not None:  # a second signal stops at once; the last complete checkpoint stays
+        name = signal.Signals(signum).name
+        # os.write, not print: a handler that prints while the loop prints breaks the loop's print
+        if self.stop_signal is None:
+            self.stop_signal = signum
+            os.write(sys.stdout.fileno(), f"{name}: stopping with a checkpoint at the end of this episode\n".encode())
+        elif signum == signal.SIGINT:
+            os.write(sys.stdout.fileno(), b"SIGINT again: stopping now; the last complete checkpoint stays\n")
             sys.exit(128 + signum)
-        self.stop_signal = signum
-        print(f"{signal.Signals(signum).name}: stopping with a checkpoint at the end of this episode", flush=True)
+        else:
+            os.write(sys.stdout.fileno(), f"{name}: already stopping at the end of this episode\n".encode())
 
     def due(self, frame):
         return self.stop_signal is not None or (self.next_frame is not None and frame >= self.next_frame)
@@ -1194,7 +1256,7 @@ class Checkpoints:
         print(f"checkpoint: {self.path} at global_step={frame}", flush=True)
         if self.stop_signal is not None:
             writer.close()
-            print(f"stopped; continue with: python {os.path.basename(__file__)} --resume {self.run_dir}", flush=True)
+            print(f"stopped; continue with: {self.resume_command}", flush=True)
             sys.exit(128 + self.stop_signal)
 
 
@@ -1205,13 +1267,13 @@ def stop_if_nonfinite(metrics, global_step, checkpoints):
             if checkpoints.last_frame is None:
                 advice = "no checkpoint was written (--checkpoint-every-frames)"
             else:
-                advice = f"resume from the checkpoint at global_step={checkpoints.last_frame}: --resume {checkpoints.run_dir}"
+                advice = f"resume from the checkpoint at global_step={checkpoints.last_frame}: {checkpoints.resume_command}"
             fail(f"{tag} is {float(value)} at global_step={global_step}; {advice}")
 
 
 # ======================================================================================================
-# RUN OPERATIONS: speed. Where the replay lives, --compile, --cudagraphs and the update timer change how
-# fast the run goes, not what it computes; a reader may skip this section.
+# RUN OPERATIONS: speed. Where the replay lives, --compile, --cudagraphs, the evaluation workers and the
+# timers change how fast the run goes, not what it computes; a reader may skip this section.
 # ======================================================================================================
 def compile_acting_and_update():
     """--compile: torch.compile acting and each phase of the update whole (a compiled graph ends at a
@@ -1298,6 +1360,165 @@ class CudaGraphed:
                 graph_input.copy_(tensor)
         self.graph.replay()
         return self.outputs
+
+
+class Stopwatch:
+    """Wall seconds spent in each phase of the loop (`with stopwatch("env"): ...`), and in all, since the
+    last `read`."""
+
+    PHASES = ("eval", "env", "update")
+
+    def __init__(self):
+        self.seconds, self.last_read = dict.fromkeys(self.PHASES, 0.0), time.perf_counter()
+
+    @contextlib.contextmanager
+    def __call__(self, phase):
+        start = time.perf_counter()
+        yield
+        self.seconds[phase] += time.perf_counter() - start
+
+    def read(self):
+        now = time.perf_counter()
+        seconds = dict(self.seconds, wall=now - self.last_read)
+        self.seconds, self.last_read = dict.fromkeys(self.PHASES, 0.0), now
+        return seconds
+
+
+def make_evaluation(args):
+    """(evaluate_policy(networks, episode_seeds, device, video_path), close): `evaluate` on an eval env
+    in this process, or with more than one --eval-workers (by default one per episode, up to the cores
+    this process may use) `EvaluationWorkers`, which returns the same values."""
+    env_args = (args.env_id, args.seed, args.action_repeat, args.frame_stack)
+    workers = min(args.eval_workers or len(os.sched_getaffinity(0)), args.num_eval_episodes)
+    if workers <= 1:
+        print("evaluation: in this process")
+        eval_env = make_env(*env_args)
+        return functools.partial(evaluate, eval_env), eval_env.close
+    print(f"evaluation: {workers} worker processes")
+    evaluation_workers = EvaluationWorkers(workers, env_args)
+    return evaluation_workers, evaluation_workers.close
+
+
+def evaluation_worker(connection, env_args):
+    """An evaluation worker process: runs episodes in an env of its own as the main process asks (reset
+    with a seed, step with an action), sends back every observation, hand state, reward and the episode's
+    success so far, and streams the video of an episode it is given a path for, frame by frame as
+    `evaluate` does. It ends when its pipe closes."""
+    try:
+        env, video = make_env(*env_args), None
+        connection.send(("ready", None))
+        while True:
+            command, payload = connection.recv()
+            if command == "reset":
+                seed, video_path = payload
+                (obs, state), reward, last = env.reset(seed), 0.0, False
+                video = video_writer(video_path) if video_path else None
+            else:
+                obs, state, reward, _, last = env.step(payload)
+            if video is not None and last:
+                video.close()
+            elif video is not None:
+                video.append_data(env.render(VIDEO_SIZE))
+            connection.send(("step", (obs, state, reward, last, env.success)))
+    except (EOFError, ConnectionError):  # the run has ended
+        return
+    except BaseException as error:  # fail() raises SystemExit with a one-line reason
+        reason = error.code if isinstance(error, SystemExit) else f"{type(error).__name__}: {error}"
+        with contextlib.suppress(OSError):
+            connection.send(("error", reason))
+
+
+class EvaluationWorkers:
+    """`evaluate` with its episodes spread over `num_workers` processes, each with an eval env of its own:
+    the workers step, render and write the video side by side while this process computes every action
+    with `mean_action`, one observation at a time as `evaluate` does, so the mean return is `evaluate`'s
+    to the last bit. The workers are spawned once per run (no GL context or CUDA state is inherited) with
+    the stop signals blocked, so that Ctrl-C and a cluster's signals reach only the main process; they
+    end when it closes their pipes or dies. A worker that fails or falls silent stops the run with one
+    line."""
+
+    def __init__(self, num_workers, env_args, timeout=600):
+        context = multiprocessing.get_context("spawn")
+        self.timeout, self.connections, self.processes = timeout, [], []
+        atexit.register(self.close)
+        # a spawned process inherits the blocked signals; multiprocessing's resource tracker is started
+        # first because starting it unblocks SIGINT and SIGTERM
+        multiprocessing.resource_tracker.ensure_running()
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            for _ in range(num_workers):
+                ours, theirs = context.Pipe()
+                process = context.Process(target=evaluation_worker, args=(theirs, env_args), name="evaluation worker")
+                process.start()
+                theirs.close()  # the worker holds the only other end: its death reads as the end of the pipe
+                self.connections.append(ours)
+                self.processes.append(process)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        for worker in range(num_workers):
+            self._receive(worker)  # "ready", or the reason it could not start
+
+    def _send(self, worker, command, payload):
+        try:
+            self.connections[worker].send((command, payload))
+        except ConnectionError:
+            self._died(worker)
+
+    def _receive(self, worker):
+        connection, process = self.connections[worker], self.processes[worker]
+        if not connection.poll(self.timeout):
+            fail(f"evaluation worker {worker} (pid {process.pid}) did not answer within {self.timeout} s")
+        try:
+            kind, payload = connection.recv()
+        except (EOFError, ConnectionError):
+            self._died(worker)
+        if kind == "error":
+            fail(f"evaluation worker {worker}: {payload}")
+        return payload
+
+    def _died(self, worker):
+        process = self.processes[worker]
+        process.join(5)
+        fail(f"evaluation worker {worker} (pid {process.pid}) died with exit code {process.exitcode}")
+
+    def __call__(self, networks, episode_seeds, device, video_path=None):
+        returns, successes = [0.0] * len(episode_seeds), [False] * len(episode_seeds)
+        waiting, running = deque(enumerate(episode_seeds)), {}  # running: worker -> its episode
+
+        def start_next_episode(worker):
+            episode, seed = waiting.popleft()
+            running[worker] = episode
+            self._send(worker, "reset", (seed, video_path if episode == 0 else None))
+
+        for worker in range(min(len(self.connections), len(waiting))):
+            start_next_episode(worker)
+        while running:
+            ready = multiprocessing.connection.wait([self.connections[worker] for worker in running], self.timeout)
+            if not ready:
+                fail(f"no evaluation worker answered within {self.timeout} s")
+            for worker in [self.connections.index(connection) for connection in ready]:
+                obs, state, reward, last, success = self._receive(worker)
+                returns[running[worker]] += reward
+                successes[running[worker]] = success
+                if not last:
+                    self._send(worker, "step", mean_action(networks, obs, state, device))
+                elif waiting:
+                    start_next_episode(worker)
+                else:
+                    del running[worker]
+        if not returns:
+            return float("nan"), float("nan")
+        return float(np.mean(returns)), float(np.mean(successes))
+
+    def close(self):
+        for connection in self.connections:
+            connection.close()
+        for process in self.processes:
+            process.join(10)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        self.connections, self.processes = [], []
 
 
 if __name__ == "__main__":

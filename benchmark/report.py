@@ -6,7 +6,7 @@
   over the reference (`drqv2`);
 - per task: eval return (and success rate) against frames, the mean over seeds and their range, with
   DrQ-v2's published curves beside them (`--baseline-curves`), and a table at the budgets;
-- the actor's dormant ratio, exploration std and lambda over training;
+- the actor's dormant ratio, the critic's and V's beside it, the exploration std and lambda over training;
 - the dormant ratio against motor activity (mean |a_t - a_(t-1)| of each training episode, paired
   with the last dormant ratio logged before the episode ended), with Pearson's correlation.
 
@@ -59,12 +59,13 @@ def load_runs(runs_dir):
     """{(env_id, variant): {seed: {tag: (steps, values)}}} from every run directory under `runs_dir`."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    runs = defaultdict(dict)
-    for name in sorted(os.listdir(runs_dir)):
+    runs, directories = defaultdict(dict), defaultdict(list)
+    for name in sorted(os.listdir(runs_dir), key=lambda name: name.rsplit("__", 1)[-1].zfill(20)):  # oldest first
         parts = name.split("__")
         if len(parts) != 4 or not os.path.isdir(os.path.join(runs_dir, name)):
             continue
         env_id, variant, seed, _ = parts
+        directories[env_id, variant, seed].append(name)
         events = EventAccumulator(os.path.join(runs_dir, name), size_guidance={"scalars": 0})
         events.Reload()
         available = set(events.Tags()["scalars"])
@@ -73,6 +74,9 @@ def load_runs(runs_dir):
             for tag in TAGS
             if tag in available
         }
+    for (env_id, variant, seed), names in directories.items():
+        if len(names) > 1:  # benchmark/run.py makes one per run; a run started by hand again makes another
+            print(f"report.py: {len(names)} run directories for {env_id}__{variant}__{seed}; reading the newest, {names[-1]}", file=sys.stderr)
     return runs
 
 
@@ -358,9 +362,11 @@ if __name__ == "__main__":
             plt.close(figure)
             lines.append("")
 
-        # DrM's internal signals over training, per variant (mean over seeds)
-        figure, axes = plt.subplots(1, 3, figsize=(15, 4))
-        for axis, tag in zip(axes, ["charts/dormant_ratio", "charts/exploration_std", "charts/lambda"]):
+        # DrM's internal signals over training, per variant (mean over seeds): the actor's dormant ratio that
+        # drives them, the critic's and V's beside it, the exploration std and λ
+        signals = ["charts/dormant_ratio", "charts/dormant_ratio_critic", "charts/dormant_ratio_value", "charts/exploration_std", "charts/lambda"]
+        figure, axes = plt.subplots(1, len(signals), figsize=(5 * len(signals), 4))
+        for axis, tag in zip(axes, signals, strict=True):
             for variant, seeds in variants.items():
                 steps, values = common_grid(seeds, tag)
                 if len(steps):

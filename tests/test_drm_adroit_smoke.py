@@ -7,51 +7,53 @@ import imageio.v3 as iio
 import pytest
 import torch
 
-from test_drm_smoke import run_script, scalars, without_module
+from conftest import reference_group
+from helpers import run_script, scalars, without_module
 
 SCRIPT = "drm_adroit.py"
 TINY = ["--num-seed-frames", "400", "--batch-size", "8", "--buffer-size", "2000", "--log-every-updates", "10"]
 
 
-def test_adroit_smoke_run_writes_events_video_and_a_model_that_evaluates(tmp_path):
-    # hammer at action repeat 4: 50-agent-step episodes; 150 agent steps = 3 episodes, updates from step 100
-    result = run_script(
-        SCRIPT, "--env-id", "hammer", *TINY, "--action-repeat", "4", "--total-frames", "600", "--eval-every-frames",
-        "100000", "--num-eval-episodes", "1", "--perturb-interval-steps", "20", "--capture-video", "--save-model",
-        "--exp-name", "smoke", "--no-cuda", cwd=tmp_path,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+@reference_group(SCRIPT)
+def test_adroit_run_writes_events_videos_and_a_model_that_evaluates(reference_runs, tmp_path):
+    # the reference run (tests/conftest.py): hammer at action repeat 10, three 20-step episodes, updates
+    # every 2 agent steps from step 10, perturbations every 20 agent steps, evaluations at frames 0 and 400
+    runs = reference_runs(SCRIPT)
+    result, run_dir = runs.full, runs.full_dir
     assert "  expectile: 0.7" in result.stdout and "  max_perturb_factor: 0.9" in result.stdout
     assert "global_step=200, episode=1, episodic_return=" in result.stdout
     assert "Traceback" not in result.stderr
 
-    (run_dir,) = (tmp_path / "runs").iterdir()
-    assert run_dir.name.startswith("hammer__smoke__121__")
+    assert os.path.basename(run_dir).startswith("hammer__drm__1__")
     logged = scalars(run_dir)
     expected = {
         "charts/episodic_return", "charts/episodic_length", "charts/success_rate", "charts/SPS",
         "losses/qf1_values", "losses/qf2_values", "losses/qf_loss", "losses/actor_loss", "losses/value_loss",
         "charts/dormant_ratio", "charts/exploration_std", "charts/lambda", "charts/perturb_factor",
-        "charts/awaken_step", "eval/episodic_return", "eval/success_rate",
+        "charts/awaken_step", "eval/episodic_return", "eval/success_rate", "perf/eval_seconds", "perf/wall_seconds",
     }  # fmt: skip
     assert expected <= set(logged), expected - set(logged)
     assert logged["charts/episodic_length"] == [(200, 200.0), (400, 200.0), (600, 200.0)]  # env frames
     assert [value for _, value in logged["charts/success_rate"]] == [0.0, 0.0, 0.0]  # random hammering
-    assert [step for step, _ in logged["eval/success_rate"]] == [0]
-    assert [step for step, _ in logged["charts/perturb_factor"]] == [400, 480, 560]  # agent steps 100, 120, 140
-    assert len(logged["losses/qf_loss"]) == 3  # 25 updates, written at agent steps 100, 120, 140
+    assert [step for step, _ in logged["eval/success_rate"]] == [0, 400]
+    assert [step for step, _ in logged["charts/perturb_factor"]] == [200, 400]  # agent steps 20 and 40
+    assert len(logged["losses/qf_loss"]) == 5  # 25 updates, written at agent steps 10, 20, ..., 50
 
-    (video,) = glob.glob(str(tmp_path / "videos" / run_dir.name / "*.mp4"))
-    frames = iio.imread(video)
-    assert frames.shape[0] == 50 and frames.shape[1:3] == (256, 256) and frames.mean() > 20
+    # the videos of evaluations 0 and 1: by an evaluation worker of the killed run, and by the resumed run
+    videos = sorted(glob.glob(os.path.join(os.path.dirname(os.path.dirname(runs.cut_dir)), "videos", "*", "*.mp4")))
+    assert [os.path.basename(video) for video in videos] == ["0.mp4", "400.mp4"]
+    for video in videos:
+        frames = iio.imread(video)
+        assert frames.shape[0] == 20 and frames.shape[1:3] == (256, 256) and frames.mean() > 20
 
-    model = torch.load(run_dir / "smoke.cleanrl_model", weights_only=False)
+    model = torch.load(os.path.join(run_dir, "drm.cleanrl_model"), weights_only=False)
     assert {"encoder", "actor", "critic", "critic_target", "value", "args"} <= set(model)
-    assert model["actor"]["state_fusion.state_mlp.0.weight"].shape == (1024, 24)
-    assert model["critic"]["state_fusion.fusion.2.weight"].shape == (50, 1024)
+    assert model["actor"]["state_fusion.state_mlp.0.weight"].shape == (64, 24)
+    assert model["critic"]["state_fusion.fusion.2.weight"].shape == (50, 64)
     assert model["encoder"]["convnet.0.weight"].shape == (32, 3, 3, 3)  # one frame
     assert model["args"]["env_id"] == "hammer"
-    evaluated = run_script(SCRIPT, "--eval-model", str(run_dir / "smoke.cleanrl_model"), "--num-eval-episodes", "1", "--no-cuda", cwd=tmp_path)
+    evaluated = run_script(SCRIPT, "--eval-model", os.path.join(run_dir, "drm.cleanrl_model"), "--num-eval-episodes", "1",
+                           "--no-cuda", cwd=tmp_path)  # fmt: skip
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert "eval/episodic_return=" in evaluated.stdout and "eval/success_rate=0.00 over 1 episodes" in evaluated.stdout
 

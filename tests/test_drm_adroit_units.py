@@ -156,14 +156,14 @@ def test_state_is_the_24_hand_joint_positions(make_env, env_id, hand_qpos):
     assert joint(hand_qpos[0]).startswith(("ARTz", "WR")) and joint(hand_qpos[1] - 1) == "THJ0"  # wrist .. thumb tip
 
 
-@pytest.mark.parametrize("env_id, agent_steps", [("door", 100), ("hammer", 100), ("pen", 50), ("relocate", 100)])
-def test_episode_length_and_time_limit_bootstrap(make_env, env_id, agent_steps):
-    env = make_env(env_id)
+@pytest.mark.parametrize("env_id, episode_frames", [("door", 200), ("hammer", 200), ("pen", 100), ("relocate", 200)])
+def test_episode_length_and_time_limit_bootstrap(make_env, env_id, episode_frames):
+    env = make_env(env_id, action_repeat=10)
     env.reset()
-    for step in range(1, agent_steps + 1):
+    for step in range(1, episode_frames // 10 + 1):
         _, _, _, discount, last = env.step(np.zeros(env.action_dim))
-        assert discount == 1.0 and last == (step == agent_steps)
-    assert env.episode_frames == 2 * agent_steps
+        assert discount == 1.0 and last == (step == episode_frames // 10)
+    assert env.episode_frames == episode_frames
 
 
 def test_pen_drop_ends_the_episode_with_discount_zero(make_env):

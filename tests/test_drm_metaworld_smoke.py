@@ -8,49 +8,48 @@ import imageio.v3 as iio
 import pytest
 import torch
 
-from test_drm_smoke import run_script, scalars, without_module
+from conftest import reference_group
+from helpers import run_script, scalars, without_module
 
 SCRIPT = "drm_metaworld.py"
-TINY = ["--num-seed-frames", "400", "--batch-size", "8", "--buffer-size", "2000", "--log-every-updates", "10"]
 
 
-def test_metaworld_smoke_run_writes_events_video_and_model(tmp_path):
-    # action repeat 10: one 50-step episode, updates from step 20, perturbations every 10 steps
-    result = run_script(
-        SCRIPT, "--env-id", "coffee-push", *TINY, "--action-repeat", "10", "--num-seed-frames", "200", "--total-frames",
-        "500", "--eval-every-frames", "100000", "--num-eval-episodes", "1", "--perturb-interval-steps", "10",
-        "--capture-video", "--save-model",
-        "--exp-name", "smoke", "--no-cuda", "--hidden-dim", "64", cwd=tmp_path,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+@reference_group(SCRIPT)
+def test_metaworld_run_writes_events_videos_and_model(reference_runs):
+    # the reference run (tests/conftest.py): reach at action repeat 20, two 25-step episodes, updates
+    # every 2 agent steps from step 20, perturbations every 10 agent steps, an evaluation at frame 0
+    runs = reference_runs(SCRIPT)
+    result, run_dir = runs.full, runs.full_dir
     assert "  nstep: 10" in result.stdout and "  gamma: 0.97" in result.stdout and "  shadow_size: 1024" in result.stdout
     assert "global_step=500, episode=1, episodic_return=" in result.stdout
     assert "Traceback" not in result.stderr
 
-    (run_dir,) = (tmp_path / "runs").iterdir()
-    assert run_dir.name.startswith("coffee-push__smoke__121__")
+    assert os.path.basename(run_dir).startswith("reach__drm__1__")
     logged = scalars(run_dir)
     expected = {
         "charts/episodic_return", "charts/episodic_length", "charts/success_rate", "charts/SPS",
         "losses/qf1_values", "losses/qf2_values", "losses/qf_loss", "losses/actor_loss", "losses/value_loss",
         "charts/dormant_ratio", "charts/exploration_std", "charts/lambda", "charts/perturb_factor",
-        "charts/awaken_step", "eval/episodic_return", "eval/success_rate",
+        "charts/awaken_step", "eval/episodic_return", "eval/success_rate", "perf/eval_seconds", "perf/wall_seconds",
     }  # fmt: skip
     assert expected <= set(logged), expected - set(logged)
-    assert logged["charts/episodic_length"] == [(500, 500.0)]
+    assert logged["charts/episodic_length"] == [(500, 500.0), (1000, 500.0)]
     assert [step for step, _ in logged["eval/success_rate"]] == [0]
-    assert [step for step, _ in logged["charts/perturb_factor"]] == [200, 300, 400]
+    assert [step for step, _ in logged["charts/perturb_factor"]] == [400, 600, 800]  # agent steps 20, 30 and 40
     assert {value for _, value in logged["charts/lambda"]} == {0.5}  # constant lambda
 
-    (video,) = glob.glob(str(tmp_path / "videos" / run_dir.name / "*.mp4"))
-    frames = iio.imread(video)
-    assert frames.shape[0] == 50 and frames.shape[1:3] == (256, 256) and frames.mean() > 20
+    # the video of evaluation 0, written by an evaluation worker of the killed run
+    videos = sorted(glob.glob(os.path.join(os.path.dirname(os.path.dirname(runs.cut_dir)), "videos", "*", "*.mp4")))
+    assert [os.path.basename(video) for video in videos] == ["0.mp4"]
+    for video in videos:
+        frames = iio.imread(video)
+        assert frames.shape[0] == 25 and frames.shape[1:3] == (256, 256) and frames.mean() > 20
 
-    model = torch.load(run_dir / "smoke.cleanrl_model", weights_only=False)
+    model = torch.load(os.path.join(run_dir, "drm.cleanrl_model"), weights_only=False)
     assert {"encoder", "actor", "critic", "critic_target", "value", "args"} <= set(model)
     assert model["critic"]["q1.2.weight"].shape == (64,)  # the LayerNorm after the first Linear
     assert model["encoder"]["convnet.0.weight"].shape == (32, 9, 3, 3)
-    assert model["args"]["env_id"] == "coffee-push"
+    assert model["args"]["env_id"] == "reach"
 
 
 def test_metaworld_dormant_lambda_and_logging_that_does_not_change_the_run(tmp_path):

@@ -317,7 +317,7 @@ class FiveStepEnv:
 
     action_dim = 2
 
-    def reset(self):
+    def reset(self, seed=None):
         self.t = 0
         return np.zeros((9, 84, 84), np.uint8)
 
@@ -341,7 +341,7 @@ def test_evaluation_streams_the_video_frame_by_frame(monkeypatch, tmp_path):
 
     monkeypatch.setattr(drm.imageio.v2, "get_writer", lambda path, fps: Writer())
     networks = drm.make_networks((9, 84, 84), 2, drm.Args(feature_dim=4, hidden_dim=8), "cpu")
-    mean_return = drm.evaluate(env, networks, 2, "cpu", str(tmp_path / "eval.mp4"))
+    mean_return = drm.evaluate(env, networks, [7, 8], "cpu", str(tmp_path / "eval.mp4"))
     assert mean_return == 5.0
     # each frame is written while its episode runs (not buffered until the end), first episode only
     assert appended == [(0, 0), (1, 1), (2, 2), (3, 3), (4, 4), "closed"]
@@ -462,7 +462,7 @@ ACCEPTS = {
         "total_frames", "eval_every_frames", "action_repeat", "frame_stack", "buffer_size", "batch_size",
         "learning_rate", "feature_dim", "hidden_dim", "nstep", "gamma", "tau", "update_every_steps",
         "std_schedule_steps", "dormant_temp", "lambda_temp", "expectile", "perturb_interval_steps",
-        "max_perturb_factor", "log_every_updates", "checkpoint_every_frames", "shadow_size",
+        "max_perturb_factor", "log_every_updates", "checkpoint_every_frames", "shadow_size", "eval_workers",
     ], set()),
 }  # fmt: skip
 
@@ -491,9 +491,16 @@ def test_every_numeric_flag_rejects_bad_values_in_one_line(script):
             assert message.startswith(f"{script.__name__}.py: ") and flag in message and "\n" not in message, (name, bad, message)
 
 
+def test_the_lqr_tasks_without_a_time_limit_stop_with_one_line():
+    for env_id in drm.UNBOUNDED_TASKS:
+        with pytest.raises(SystemExit) as stop:
+            drm.resolve_args(tyro.cli(drm.Args, args=["--env-id", env_id]), VALID)
+        assert str(stop.value).startswith(f"drm.py: {env_id} has no time limit (its episodes end only when the state converges)")
+
+
 # ------------------------------------------------------------------------------------------ env
 def test_dmc_env_pixels_stack_actions_and_episode_length():
-    env = drm.make_env("cartpole-balance", seed=1)
+    env = drm.make_env("cartpole-balance", seed=1, action_repeat=8)
     obs = env.reset()
     assert obs.shape == (9, 84, 84) and obs.dtype == np.uint8 and obs.max() > 0
     assert np.array_equal(obs[:3], obs[3:6]) and np.array_equal(obs[3:6], obs[6:])  # first frame repeated
@@ -503,7 +510,7 @@ def test_dmc_env_pixels_stack_actions_and_episode_length():
         steps += 1
         if steps == 3:
             assert not np.array_equal(obs[:3], obs[6:])  # the pole has moved
-    assert steps == 500 and discount == 1.0  # 1000 frames, time-limit end bootstraps
+    assert steps == 125 and env.episode_frames == 1000 and discount == 1.0  # the time-limit end bootstraps
     assert env.render(256).shape == (256, 256, 3)
     twin = drm.make_env("cartpole-balance", seed=1)
     assert np.array_equal(twin.reset(), drm.make_env("cartpole-balance", seed=1).reset())

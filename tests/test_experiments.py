@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from torch.utils.tensorboard import SummaryWriter
 
-from test_drm_smoke import run_script, scalars, without_module
+from helpers import run_script, scalars, without_module
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmark"))
@@ -32,6 +32,8 @@ def test_report_on_synthetic_runs_gives_the_known_table_correlation_and_baseline
             returns["charts/action_change"] = [(150, 1.0), (250, 3.0), (350, 2.0)]
         write_run(runs, f"toy-task__alpha__{seed}__100", returns)
         write_run(runs, f"toy-task__beta__{seed}__100", {"eval/episodic_return": [(0, 0.0), (1000, 5.0), (2000, 5.0 + seed)]})
+    # an older run directory of one run, as a run started again by hand leaves: said, and not read
+    write_run(runs, "toy-task__alpha__1__99", {"eval/episodic_return": [(0, 0.0), (1000, 999.0), (2000, 999.0)]})
     # DrQ-v2's published curves have this layout (facebookresearch/drqv2, curves/dmc_walker_run.csv)
     curves = tmp_path / "curves"
     curves.mkdir()
@@ -41,6 +43,7 @@ def test_report_on_synthetic_runs_gives_the_known_table_correlation_and_baseline
     result = run_script("benchmark/report.py", str(runs), "--output", str(tmp_path / "out"), "--budgets", "1000", "1500", "2000",
                         "--reference", "beta", "--baseline-curves", str(curves))  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "report.py: 2 run directories for toy-task__alpha__1; reading the newest, toy-task__alpha__1__100" in result.stderr
     table = (tmp_path / "out" / "report.md").read_text()
     # alpha at 1000 and 1500 frames: mean of 10, 20, 30; at 2000: of 20, 40, 60; beta at 2000: of 6, 7, 8
     assert "| alpha | 3 | 20 (10–30) | 20 (10–30) | 40 (20–60) |" in table
@@ -123,8 +126,13 @@ def test_runner_dry_run_expands_the_grid():
     commands = result.stdout.splitlines()
     assert len(commands) == 2 * 2 * 6  # env ids x seeds x (5 variants + 1 sweep point)
     drqv2 = next(c for c in commands if "--exp-name drqv2" in c and "walker-walk" in c and "--seed 2" in c)
-    assert drqv2.endswith("--no-perturb --exploration linear --no-exploit --total-frames 1000")
-    assert any(c.endswith("--exp-name threshold-0.1 --dormant-threshold 0.1 --total-frames 1000") for c in commands)
+    # locally the runs checkpoint only when stopped by a signal, with their replay; --extra-flags come last
+    assert drqv2.endswith("--no-perturb --exploration linear --no-exploit --checkpoint-replay --total-frames 1000")
+    assert any(c.endswith("--exp-name threshold-0.1 --dormant-threshold 0.1 --checkpoint-replay --total-frames 1000") for c in commands)
+    on_slurm = run_script("benchmark/run.py", "--env-ids", "walker-walk", "dog-run", "--seeds", "1", "--variants", "drm", "--launcher",
+                          "slurm", "--dry-run", "--no-checkpoint-replay")  # fmt: skip
+    walker, dog = on_slurm.stdout.splitlines()
+    assert walker.endswith("--checkpoint-every-frames 500000") and dog.endswith("--checkpoint-every-frames 1000000")
     bad = run_script("benchmark/run.py", "--env-ids", "walker-walk", "--variants", "drm", "no-purturb", "--dry-run")
     assert bad.returncode != 0 and "unknown variant(s) no-purturb" in bad.stderr
 
@@ -142,12 +150,13 @@ def test_missing_optional_dependencies_and_slurm_name_what_is_missing(tmp_path):
 
 
 def test_slurm_array_carries_the_cluster_flags(tmp_path):
-    # stand-ins for Slurm's commands: submitit checks for srun and submits with sbatch
+    # stand-ins for Slurm's commands: submitit checks for srun and submits with sbatch; squeue shows nothing pending
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "sbatch").write_text("#!/bin/sh\necho Submitted batch job 4242\n")
     (bin_dir / "srun").write_text("#!/bin/sh\nexit 1\n")
-    for tool in ("sbatch", "srun"):
+    (bin_dir / "squeue").write_text("#!/bin/sh\nexit 0\n")
+    for tool in ("sbatch", "srun", "squeue"):
         (bin_dir / tool).chmod(0o755)
     result = run_script("benchmark/run.py", "--env-ids", "walker-walk", "cheetah-run", "--seeds", "1", "--variants", "drm",
                         "--launcher", "slurm", "--slurm-partition", "gpu", "--slurm-gpus-per-node", "2", "--timeout-min", "600",
@@ -156,28 +165,86 @@ def test_slurm_array_carries_the_cluster_flags(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.startswith("submitted 2 runs as Slurm array 4242; logs in ")
     script = (tmp_path / "out" / "submitit" / "4242_submission.sh").read_text()
-    for line in ["--array=0-1%2", "--partition=gpu", "--gpus-per-node=2", "--time=600", "--account=my-lab", "--cpus-per-task=8"]:
+    for line in ["--array=0-1%2", "--partition=gpu", "--gpus-per-node=2", "--time=600", "--account=my-lab", "--cpus-per-task=8",
+                 "--signal=USR2@300"]:  # fmt: skip
         assert f"#SBATCH {line}\n" in script
     assert sorted(os.listdir(tmp_path / "out" / "submitit")).count("4242_1_submitted.pkl") == 1  # one pickled job per run
+    status = run_script("benchmark/run.py", "--status", "--output-dir", str(tmp_path / "out"))
+    assert "| walker-walk__drm__1 | pending |  | 0 | 4242 |" in status.stdout and "2 pending" in status.stdout
 
 
-def test_array_task_runs_its_share_with_the_environment_it_is_given(tmp_path, monkeypatch):
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # what submitit's local executor sets
-    probe = [sys.executable, "-c",
-             "import os, sys; print(os.environ.get('CUDA_VISIBLE_DEVICES'), os.environ['OMP_NUM_THREADS']); sys.exit(3)"]  # fmt: skip
-    statuses = __import__("run").run_logged([("probe", probe), ("ok", [sys.executable, "-c", "pass"])], str(tmp_path),
-                                            {"CUDA_VISIBLE_DEVICES": None, "OMP_NUM_THREADS": "3"})  # fmt: skip
-    assert statuses == [3, 0]
-    assert (tmp_path / "logs" / "probe.log").read_text() == "None 3\n"  # unset, so the runs see every GPU
+# A stand-in for a training script: a new run makes its run directory, writes a checkpoint and stops as
+# SIGTERM makes a script stop; a resumed one finishes
+STAND_IN = """
+import os, sys, time
+if "--resume" in sys.argv:
+    print("resumed at global_step=500 (with the replay buffer)"); print("global_step=1000, episode=2, episodic_return=1.0")
+    sys.exit(0)
+run_dir = f"runs/{sys.argv[1]}__{time.time_ns()}"
+os.makedirs(run_dir)
+if "--crash" in sys.argv:
+    print("global_step=20, episode=1, episodic_return=0.0")
+    sys.exit("toy.py: losses/qf_loss is nan at global_step=20")
+open(os.path.join(run_dir, "checkpoint.pt"), "w").close()
+print(f"checkpoint: {run_dir}/checkpoint.pt at global_step=500"); sys.exit(143)
+"""
 
 
-def test_two_tiny_jobs_run_through_submitit_locally_end_to_end(tmp_path):
+def test_a_run_is_continued_from_its_checkpoint_in_its_run_directory_and_never_run_twice(tmp_path):
+    from run import GridTask, grid_status, lock_run
+
+    task, output_dir, env = GridTask(), str(tmp_path), dict(os.environ)
+    task.output_dir = output_dir
+    def command(name, *flags):
+        return [sys.executable, "-c", STAND_IN, name, *flags]
+
+    assert task.run("toy__drm__1", command("toy__drm__1"), env) == 143  # stopped with a checkpoint
+    assert grid_status(output_dir) == [("toy__drm__1", "stopped", 500, 1, "local", "checkpoint at frame 500")]
+    (run_dir,) = os.listdir(tmp_path / "runs")
+    assert task.run("toy__drm__1", command("toy__drm__1"), env) == 0  # continued, in the same run directory
+    log = (tmp_path / "logs" / "toy__drm__1.log").read_text()
+    assert log.count("=== toy__drm__1: attempt") == 2 and f"=== continuing from {tmp_path}/runs/{run_dir}" in log
+    assert log.splitlines()[-1] == "global_step=1000, episode=2, episodic_return=1.0"  # appended, not overwritten
+    assert grid_status(output_dir) == [("toy__drm__1", "finished", 1000, 2, "local", "")]
+    assert task.run("toy__drm__1", command("toy__drm__1"), env) == 0 and log == (tmp_path / "logs" / "toy__drm__1.log").read_text()
+
+    # a run that failed before its first checkpoint starts over: its run directory goes
+    assert task.run("toy__drm__2", command("toy__drm__2", "--crash"), env) == 1
+    assert grid_status(output_dir)[1] == ("toy__drm__2", "failed", 20, 1, "local", "exit 1: toy.py: losses/qf_loss is nan at global_step=20")
+    (failed_dir,) = [name for name in os.listdir(tmp_path / "runs") if name.startswith("toy__drm__2__")]
+    assert task.run("toy__drm__2", command("toy__drm__2"), env) == 143
+    log = (tmp_path / "logs" / "toy__drm__2.log").read_text()
+    assert f"=== removing {tmp_path}/runs/{failed_dir}: it has no checkpoint to continue from" in log
+    assert len([name for name in os.listdir(tmp_path / "runs") if name.startswith("toy__drm__2__")]) == 1
+    # a run that another task is running is left alone, and shows as running
+    held = lock_run(output_dir, "toy__drm__3")
+    assert task.run("toy__drm__3", command("toy__drm__3"), env) is None
+    assert grid_status(output_dir, ["toy__drm__3"])[0][1] == "running"
+    held.close()
+    # the local task fails when a run did not finish, naming it
+    with pytest.raises(RuntimeError, match=r"runs that did not finish: toy__drm__4 \(exit 143\)"):
+        task([("toy__drm__4", command("toy__drm__4"))], output_dir, {})
+
+
+def test_local_workers_each_get_a_gpu_of_their_own():
+    from run import gpu_assignment
+
+    assert gpu_assignment(3, ["0", "1", "2", "3"]) == ["0", "1", "2"]
+    assert gpu_assignment(4, ["3", "5"]) == ["3", "5", "3", "5"]  # more workers than GPUs: they share, in turn
+    assert gpu_assignment(2, []) == [None, None]  # no GPU: the shell's setting stays
+
+
+def test_two_tiny_jobs_run_through_submitit_locally_end_to_end_each_on_its_own_gpu(tmp_path):
     tiny = ("--action-repeat 8 --num-seed-frames 400 --batch-size 8 --buffer-size 2000 --total-frames 2000 "
             "--num-eval-episodes 1 --eval-every-frames 1000 --log-every-updates 5 --no-cuda")  # fmt: skip
-    result = run_script("benchmark/run.py", "--env-ids", "cartpole-balance", "--seeds", "1", "--variants", "drm", "drqv2",
-                      "--workers", "2", f"--extra-flags={tiny}", "--output-dir", str(tmp_path))  # fmt: skip
+    grid = ["benchmark/run.py", "--env-ids", "cartpole-balance", "--seeds", "1", "--variants", "drm", "drqv2", "--workers", "2",
+            f"--extra-flags={tiny}", "--output-dir", str(tmp_path)]  # fmt: skip
+    # the shell sees GPUs 3 and 5 (on this CPU-only machine the runs train on the CPU all the same)
+    result = run_script(*grid, env={**os.environ, "CUDA_VISIBLE_DEVICES": "3,5"})
     assert result.returncode == 0, result.stderr[-3000:] + result.stdout
     assert "2 of 2 runs finished" in result.stdout
+    devices = {(tmp_path / "logs" / name).read_text().split("CUDA_VISIBLE_DEVICES=")[1].split()[0] for name in os.listdir(tmp_path / "logs")}
+    assert devices == {"3", "5"}  # one each
     # the job array went through submitit: one array task per worker, each with its pickled result
     assert len([name for name in os.listdir(tmp_path / "submitit") if name.endswith("_result.pkl")]) == 2
     assert sorted(os.listdir(tmp_path / "logs")) == ["cartpole-balance__drm__1.log", "cartpole-balance__drqv2__1.log"]
@@ -201,10 +268,15 @@ def test_two_tiny_jobs_run_through_submitit_locally_end_to_end(tmp_path):
     assert "## Aggregates at 2,000 frames" in table and "| X | P(X > drqv2) |" in table
     assert "drm, drqv2: too few scores for an interval" in table
 
+    again = run_script(*grid)  # the same grid again: both runs finished, neither runs again
+    assert again.returncode == 0 and "2 of 2 runs finished" in again.stdout
+    assert len(os.listdir(tmp_path / "runs")) == 2
+
 
 def test_reproduction_script_dry_run_lists_the_published_grid():
     script = os.path.join(ROOT, "benchmark", "drm.sh")
-    result = subprocess.run(["bash", script, "--dry-run"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(["bash", script, "--dry-run"], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHON": sys.executable})  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     commands = [line.split() for line in result.stdout.splitlines() if not line.startswith(("#", "python benchmark/report.py"))]
     grid = {(os.path.basename(c[1]), c[c.index("--env-id") + 1], c[c.index("--exp-name") + 1], c[c.index("--seed") + 1])
@@ -226,7 +298,10 @@ def test_reproduction_script_dry_run_lists_the_published_grid():
     assert variants["drm_adroit.py"] == set(__import__("run").VARIANTS)  # and the paper's ablations
     assert {seed for *_, seed in grid} == {"1", "2", "3", "4"}
     dog_run = next(c for c in commands if "dog-run" in c and "drqv2" in c)
-    assert dog_run[-6:] == ["--no-perturb", "--exploration", "linear", "--no-exploit", "--checkpoint-every-frames", "1000000"]
+    assert dog_run[-7:] == ["--no-perturb", "--exploration", "linear", "--no-exploit", "--checkpoint-every-frames", "1000000",
+                            "--checkpoint-replay"]  # fmt: skip
+    walker_run = next(c for c in commands if "walker-run" in c)
+    assert walker_run[-3:] == ["--checkpoint-every-frames", "500000", "--checkpoint-replay"]
     report_lines = [line for line in result.stdout.splitlines() if line.startswith("python benchmark/report.py")]
     assert len(report_lines) == 4 and all("--baseline-curves" in line for line in report_lines if "dmc-" in line)
 
