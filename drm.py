@@ -141,7 +141,7 @@ class Args:
     tf32: bool = True
     """TF32 tensor cores for float32 matmuls and convolutions on Ampere and newer GPUs (`--no-tf32`: IEEE float32)"""
     eval_workers: int | None = None
-    """processes that run evaluation episodes side by side (None: one per episode, up to the cores this process may use; 1: in this process)"""
+    """processes that run evaluation episodes side by side (None: one per episode, up to the cores this process can use; 1: here)"""
 
 
 # Per-task presets: the effective values of the official configs (XuGW-Kevin/DrM at 317116a,
@@ -183,10 +183,7 @@ EPISODE_FRAMES = 1000  # every suite task but the two LQR ones is 1000 env steps
 # random policy may never reach, so they are not run
 UNBOUNDED_TASKS = ("lqr-lqr_2_1", "lqr-lqr_6_2")
 VIDEO_SIZE = 256  # evaluation videos are rendered larger than what the agent sees
-RENDER_HELP = (
-    "On Debian/Ubuntu install the EGL libraries: "
-    "apt-get install -y --no-install-recommends libegl1 libopengl0 libgl1-mesa-dri"
-)
+RENDER_HELP = "On Debian/Ubuntu install the EGL libraries: apt-get install -y --no-install-recommends libegl1 libopengl0 libgl1-mesa-dri"
 
 
 def fail(message):

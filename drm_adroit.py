@@ -141,7 +141,7 @@ class Args:
     tf32: bool = True
     """TF32 tensor cores for float32 matmuls and convolutions on Ampere and newer GPUs (`--no-tf32`: IEEE float32)"""
     eval_workers: int | None = None
-    """processes that run evaluation episodes side by side (None: one per episode, up to the cores this process may use; 1: in this process)"""
+    """processes that run evaluation episodes side by side (None: one per episode, up to the cores this process can use; 1: here)"""
 
 
 # The four tasks as DrM ran them (XuGW-Kevin/DrM at 317116a: cfgs/task/door.yaml and its siblings over
@@ -172,10 +172,7 @@ STATE_DIM = 24
 PEN_DROP_HEIGHT = 0.075  # the original pen episode terminates when the pen falls below this height
 PEN_GEOMS = ("pen", "target")  # the pen and the goal pen: opaque in DrM's models, alpha 0.6 and 0.3 here
 VIDEO_SIZE = 256  # evaluation videos are rendered larger than what the agent sees
-RENDER_HELP = (
-    "On Debian/Ubuntu install the EGL libraries: "
-    "apt-get install -y --no-install-recommends libegl1 libopengl0 libgl1-mesa-dri"
-)
+RENDER_HELP = "On Debian/Ubuntu install the EGL libraries: apt-get install -y --no-install-recommends libegl1 libopengl0 libgl1-mesa-dri"
 
 
 def fail(message):
@@ -941,7 +938,9 @@ def main():
                 networks.critic, features, batch.state, batch.action, threshold=args.dormant_threshold
             )
             if args.exploit:
-                logged["charts/dormant_ratio_value"] = dormant_ratio(networks.value, features, batch.state, threshold=args.dormant_threshold)
+                logged["charts/dormant_ratio_value"] = dormant_ratio(
+                    networks.value, features, batch.state, threshold=args.dormant_threshold
+                )
             logged["perf/update_ms"] = update_timer.milliseconds()
             stop_if_nonfinite(logged, global_step, checkpoints)
             for tag, value in logged.items():

@@ -148,7 +148,7 @@ class Args:
     tf32: bool = True
     """TF32 tensor cores for float32 matmuls and convolutions on Ampere and newer GPUs (`--no-tf32`: IEEE float32)"""
     eval_workers: int | None = None
-    """processes that run evaluation episodes side by side (None: one per episode, up to the cores this process may use; 1: in this process)"""
+    """processes that run evaluation episodes side by side (None: one per episode, up to the cores this process can use; 1: here)"""
 
 
 # Every task runs with the official Meta-World config (XuGW-Kevin/DrM at 317116a: cfgs/task/metaworld.yaml
@@ -156,10 +156,7 @@ class Args:
 EPISODE_FRAMES = 500  # Meta-World's max_path_length: 250 agent steps at action repeat 2, never ended early
 CAMERA = "corner4"  # the v3 models' corner4 is DrM's corner2 moved to (0.75, 0.075, 0.7)
 VIDEO_SIZE = 256  # evaluation videos are rendered larger than what the agent sees
-RENDER_HELP = (
-    "On Debian/Ubuntu install the EGL libraries: "
-    "apt-get install -y --no-install-recommends libegl1 libopengl0 libgl1-mesa-dri"
-)
+RENDER_HELP = "On Debian/Ubuntu install the EGL libraries: apt-get install -y --no-install-recommends libegl1 libopengl0 libgl1-mesa-dri"
 
 
 def fail(message):

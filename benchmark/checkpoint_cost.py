@@ -4,6 +4,7 @@ states are drm.py's at the given sizes; the replay is filled with random frames.
 
     python benchmark/checkpoint_cost.py --capacities 100000 200000
 """
+
 import dataclasses
 import os
 import sys

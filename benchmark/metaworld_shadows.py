@@ -6,6 +6,7 @@ the frames differ only by their shadows.
 
     python benchmark/metaworld_shadows.py --env-ids coffee-push assembly
 """
+
 import os
 import sys
 import time

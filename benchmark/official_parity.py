@@ -15,6 +15,7 @@ docs/parity.md explains the alignments and shows the output.
     python benchmark/official_parity.py --official DrM
     python benchmark/official_parity.py --official DrM --families adroit --adam-eps 1e-8  # the training eps
 """
+
 import contextlib
 import importlib.util
 import os
@@ -235,9 +236,7 @@ def our_forward(networks, fields):
 
 def official_parameters(agent):
     return {
-        f"{our_name(name)}.{our_name(key)}": value
-        for name in OFFICIAL_NETWORKS
-        for key, value in getattr(agent, name).state_dict().items()
+        f"{our_name(name)}.{our_name(key)}": value for name in OFFICIAL_NETWORKS for key, value in getattr(agent, name).state_dict().items()
     }
 
 

@@ -12,6 +12,7 @@
 
     python benchmark/report.py experiments/runs --output experiments/report --budgets 100000 500000
 """
+
 import csv
 import os
 import sys
@@ -76,7 +77,9 @@ def load_runs(runs_dir):
         }
     for (env_id, variant, seed), names in directories.items():
         if len(names) > 1:  # benchmark/run.py makes one per run; a run started by hand again makes another
-            print(f"report.py: {len(names)} run directories for {env_id}__{variant}__{seed}; reading the newest, {names[-1]}", file=sys.stderr)
+            print(
+                f"report.py: {len(names)} run directories for {env_id}__{variant}__{seed}; reading the newest, {names[-1]}", file=sys.stderr
+            )
     return runs
 
 
@@ -96,7 +99,7 @@ def load_baseline_curves(folder):
         for row in rows:
             points[int(float(row["seed"]))].append((float(row["frame"]), float(row["episode_reward"])))
         curves[name[len("dmc_") : -len(".csv")]] = {
-            seed: {"eval/episodic_return": tuple(np.array(column) for column in zip(*sorted(pairs)))}
+            seed: {"eval/episodic_return": tuple(np.array(column) for column in zip(*sorted(pairs), strict=True))}
             for seed, pairs in points.items()
         }  # fmt: skip
     if not curves:
@@ -185,7 +188,7 @@ def dormant_vs_activity(seeds):
         if "charts/dormant_ratio" not in scalars or "charts/action_change" not in scalars:
             continue
         ratio_steps, ratios = scalars["charts/dormant_ratio"]
-        for step, change in zip(*scalars["charts/action_change"]):
+        for step, change in zip(*scalars["charts/action_change"], strict=True):
             before = ratio_steps <= step
             if before.any():
                 pairs.append((ratios[before][-1], change))
@@ -202,7 +205,7 @@ def common_grid(seeds, tag):
     """(steps, values (steps, seeds)) on the steps every seed logged."""
     series = [scalars[tag] for scalars in seeds.values() if tag in scalars]
     steps = sorted(set.intersection(*(set(s.tolist()) for s, _ in series))) if series else []
-    values = np.array([[dict(zip(s.tolist(), v))[step] for s, v in series] for step in steps])
+    values = np.array([[dict(zip(s.tolist(), v, strict=True))[step] for s, v in series] for step in steps])
     return np.array(steps), values
 
 
@@ -236,7 +239,7 @@ def aggregate_section(runs, budget, args):
     for variant, scores in matrices.items():
         if enough_for_intervals(scores):
             points[variant], intervals[variant] = interval_estimates(scores, aggregates, args.bootstrap_samples, args.seed)
-            cells = [f"{p:.3f} [{low:.3f}, {high:.3f}]" for p, low, high in zip(points[variant], *intervals[variant])]
+            cells = [f"{p:.3f} [{low:.3f}, {high:.3f}]" for p, low, high in zip(points[variant], *intervals[variant], strict=True)]
         else:
             cells = [f"{p:.3f}" for p in aggregates(scores)]
         lines.append(f"| {variant} | {scores.shape[0]} x {scores.shape[1]} | " + " | ".join(cells) + " |")
@@ -364,7 +367,13 @@ if __name__ == "__main__":
 
         # DrM's internal signals over training, per variant (mean over seeds): the actor's dormant ratio that
         # drives them, the critic's and V's beside it, the exploration std and λ
-        signals = ["charts/dormant_ratio", "charts/dormant_ratio_critic", "charts/dormant_ratio_value", "charts/exploration_std", "charts/lambda"]
+        signals = [
+            "charts/dormant_ratio",
+            "charts/dormant_ratio_critic",
+            "charts/dormant_ratio_value",
+            "charts/exploration_std",
+            "charts/lambda",
+        ]
         figure, axes = plt.subplots(1, len(signals), figsize=(5 * len(signals), 4))
         for axis, tag in zip(axes, signals, strict=True):
             for variant, seeds in variants.items():

@@ -14,6 +14,7 @@ directory, skips the finished ones and leaves a running one alone.
         --slurm-partition gpu --sweep "threshold-0.05=--dormant-threshold 0.05"
     python benchmark/run.py --status --output-dir experiments
 """
+
 import contextlib
 import fcntl
 import glob
@@ -252,8 +253,10 @@ class GridTask:
         os.makedirs(os.path.join(output_dir, "logs"), exist_ok=True)
         with open(os.path.join(output_dir, "logs", f"{name}.log"), "a") as log:
             attempt = status.get("attempts", 0) + 1
-            print(f"=== {name}: attempt {attempt}, {time.strftime('%Y-%m-%d %H:%M:%S')}, host {socket.gethostname()}, "
-                  f"job {slurm_job_id() or 'local'}, CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', '(all)')}", file=log)  # fmt: skip
+            started = time.strftime("%Y-%m-%d %H:%M:%S")
+            gpus = env.get("CUDA_VISIBLE_DEVICES", "(all)")
+            print(f"=== {name}: attempt {attempt}, {started}, host {socket.gethostname()}, job {slurm_job_id() or 'local'}, "
+                  f"CUDA_VISIBLE_DEVICES={gpus}", file=log)  # fmt: skip
             if resumable:
                 command = [*command, "--resume", resumable[-1]]
                 print(f"=== continuing from {resumable[-1]}", file=log)
@@ -386,7 +389,9 @@ def print_status(output_dir, names=None):
     print("| run | state | frames | attempts | job | note |\n|---|---|---|---|---|---|")
     for name, state, frame, attempts, job, note in rows:
         print(f"| {name} | {state} | {'' if frame is None else f'{frame:,}'} | {attempts} | {job} | {note} |")
-    counts = {state: sum(row[1] == state for row in rows) for state in ("finished", "running", "stopped", "failed", "pending", "not started")}
+    counts = {
+        state: sum(row[1] == state for row in rows) for state in ("finished", "running", "stopped", "failed", "pending", "not started")
+    }
     print(", ".join(f"{count} {state}" for state, count in counts.items() if count))
 
 

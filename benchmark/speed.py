@@ -23,6 +23,7 @@ one there) and the table to `{output}/speed.json`.
 Flags after `--` go to the script; without them it runs at its defaults (batch 256, one update per 2
 agent steps, 10 evaluation episodes every 10,000 frames).
 """
+
 import json
 import os
 import platform

@@ -1,4 +1,5 @@
 """What the tests share: running a script of the repository as a user would, and reading what it wrote."""
+
 import glob
 import os
 import subprocess
@@ -26,7 +27,10 @@ def start(script, *flags, cwd=None, env=None):
 
 def without_module(name):
     """A `python -c` prefix that runs the script with the module `name` unimportable."""
-    return ("-c", f"import runpy, sys; sys.modules[{name!r}] = None; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+    return (
+        "-c",
+        f"import runpy, sys; sys.modules[{name!r}] = None; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')",
+    )
 
 
 def scalars(run_dir):

@@ -1,4 +1,5 @@
 """Checkpoints and resumption of all three scripts, run as subprocesses with tiny settings on the CPU."""
+
 import os
 import signal
 import sys
@@ -10,7 +11,19 @@ import torch
 from conftest import REFERENCE_RUNS, make_reference_runs, reference_group
 from helpers import ROOT, only_run_dir, processes_with, run_script, scalars, start, without_repeats
 
-COMMON = ["--batch-size", "8", "--hidden-dim", "64", "--buffer-size", "2000", "--log-every-updates", "5", "--num-eval-episodes", "1", "--no-cuda"]
+COMMON = [
+    "--batch-size",
+    "8",
+    "--hidden-dim",
+    "64",
+    "--buffer-size",
+    "2000",
+    "--log-every-updates",
+    "5",
+    "--num-eval-episodes",
+    "1",
+    "--no-cuda",
+]
 DRM_TASK = ["--env-id", "cartpole-balance", "--action-repeat", "8", "--num-seed-frames", "400"]  # 1000-frame episodes
 
 
@@ -60,8 +73,8 @@ def test_gpu_run_killed_mid_checkpoint_resumes_bit_identical_with_its_cuda_rng_a
 def test_sigterm_checkpoints_at_the_episode_end_and_ends_the_workers_and_the_resume_continues(tmp_path):
     episode = 1000
     marker = str(uuid.uuid4())
-    process = start("drm.py", *DRM_TASK, *COMMON, "--num-eval-episodes", "2", "--eval-workers", "2", "--total-frames", "100000", cwd=tmp_path,
-                    env={**os.environ, "DRM_TEST_RUN": marker})  # fmt: skip
+    process = start("drm.py", *DRM_TASK, *COMMON, "--num-eval-episodes", "2", "--eval-workers", "2", "--total-frames", "100000",
+                    cwd=tmp_path, env={**os.environ, "DRM_TEST_RUN": marker})  # fmt: skip
     for line in process.stdout:  # wait for the first episode, then ask the run to stop, twice
         if line.startswith("global_step=1000, episode=1"):
             process.send_signal(signal.SIGTERM)
@@ -136,8 +149,8 @@ def test_resident_memory_stays_flat_once_the_buffer_is_full(tmp_path):
     # one malloc arena that returns freed memory: RSS then tracks what the run holds instead of
     # wandering by +-15 MB with the allocator's per-thread arenas (render and torch threads)
     steady_malloc = {**os.environ, "MALLOC_ARENA_MAX": "1", "MALLOC_TRIM_THRESHOLD_": "65536"}
-    process = start("drm.py", *DRM_TASK, *COMMON, "--buffer-size", "250", "--update-every-steps", "16",
-                    "--total-frames", str(6 * episode), "--eval-every-frames", str(3 * episode), cwd=tmp_path, env=steady_malloc)  # fmt: skip
+    process = start("drm.py", *DRM_TASK, *COMMON, "--buffer-size", "250", "--update-every-steps", "16", "--total-frames",
+                    str(6 * episode), "--eval-every-frames", str(3 * episode), cwd=tmp_path, env=steady_malloc)  # fmt: skip
     resident = {}
     for line in process.stdout:
         if ", episode=" in line:

@@ -2,6 +2,7 @@
 benchmark/*.py in them parses with today's flags (and the training scripts' resolve to a valid
 setting), every flag they name is a flag, every logged tag is logged, every file they link exists. No
 training: the commands are parsed in this process, as their scripts parse them."""
+
 import glob
 import os
 import re

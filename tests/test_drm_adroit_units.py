@@ -1,14 +1,14 @@
 """Unit tests of what drm_adroit.py changes from drm.py: the Adroit env (reward, success, cameras,
 proprioception, episode ends), the state path of the networks and the replay's states. The pieces the
 scripts share are checked in test_drm_units.py."""
+
+import mujoco  # noqa: E402  (after drm_adroit, which picks the rendering backend)
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
 import drm_adroit  # sets MUJOCO_GL before mujoco is imported below
-
-import mujoco  # noqa: E402  (after drm_adroit, which picks the rendering backend)
 
 
 @pytest.fixture

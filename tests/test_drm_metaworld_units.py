@@ -1,14 +1,14 @@
 """Unit tests of what drm_metaworld.py changes from drm.py: the Meta-World env (goals and their seeding,
 camera, success, episode length, the zero-filled first stack), the dropout critic and the replay's
 stacks. The pieces the scripts share are checked in test_drm_units.py."""
+
+import mujoco  # noqa: E402  (after drm_metaworld, which picks the rendering backend)
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
 import drm_metaworld  # sets MUJOCO_GL before mujoco is imported below
-
-import mujoco  # noqa: E402  (after drm_metaworld, which picks the rendering backend)
 
 
 @pytest.fixture

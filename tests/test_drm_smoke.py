@@ -1,4 +1,5 @@
 """Run drm.py as a user would (a subprocess with tiny settings on the CPU) and check what it wrote."""
+
 import ctypes.util
 import glob
 import os

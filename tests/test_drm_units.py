@@ -1,5 +1,6 @@
 """Unit tests of drm.py's pure pieces and DrM decisions against hand-computed values. The pieces every
 script shares are checked in each script through the `script` fixture."""
+
 import copy
 import dataclasses
 import importlib
@@ -99,7 +100,7 @@ def test_perturb_blends_linear_layers_with_a_fresh_orthogonal_draw(script):
         opt.zero_grad()
         net(x).sum().backward()
         opt.step()
-    for ours, fresh in zip(model.parameters(), fresh_model.parameters()):
+    for ours, fresh in zip(model.parameters(), fresh_model.parameters(), strict=True):
         torch.testing.assert_close(ours, fresh)
 
 
@@ -122,12 +123,12 @@ def test_perturb_agent_blends_every_network_in_the_official_order(script):
     script.perturb_agent(networks, optimizers, torch.tensor(0.4))
     torch.manual_seed(3)  # the fresh draws, in the order actor, critic, target critic, (encoder: none), value
     for name in ["actor", "critic", "critic_target", "value"]:
-        for old, new in zip(getattr(before, name).modules(), getattr(networks, name).modules()):
+        for old, new in zip(getattr(before, name).modules(), getattr(networks, name).modules(), strict=True):
             if isinstance(old, nn.Linear):
                 fresh = nn.init.orthogonal_(torch.empty_like(old.weight))
                 torch.testing.assert_close(new.weight, 0.4 * old.weight + 0.6 * fresh)
                 torch.testing.assert_close(new.bias, 0.4 * old.bias)
-    for old, new in zip(before.encoder.parameters(), networks.encoder.parameters()):
+    for old, new in zip(before.encoder.parameters(), networks.encoder.parameters(), strict=True):
         assert torch.equal(old, new)  # convolutions only: untouched
     assert not torch.equal(networks.critic.q1[0].weight, networks.critic_target.q1[0].weight)  # own draws
     for optimizer in optimizers.values():
@@ -243,12 +244,16 @@ def test_one_update_on_given_networks_and_batch(script, exploit):
     assert metrics["charts/exploration_std"].item() == pytest.approx(script.exploration_std(args, step, beta, awaken_step).item())
     assert metrics["charts/lambda"].item() == pytest.approx(script.exploitation_lambda(args, beta).item())
     # the encoder learns through the critic loss; V only with exploitation
-    changed = {name: any(not torch.equal(a, b) for a, b in zip(getattr(before, name).parameters(), getattr(networks, name).parameters()))
-               for name in ["encoder", "actor", "critic", "value"]}  # fmt: skip
+    changed = {}
+    for name in ["encoder", "actor", "critic", "value"]:
+        pairs = zip(getattr(before, name).parameters(), getattr(networks, name).parameters(), strict=True)
+        changed[name] = any(not torch.equal(old, new) for old, new in pairs)
     assert changed == {"encoder": True, "actor": True, "critic": True, "value": exploit}
     assert ("losses/value_loss" in metrics) == exploit
     # the target critic moved 1% of the way to the updated critic
-    for old_target, critic, target in zip(before.critic_target.parameters(), networks.critic.parameters(), networks.critic_target.parameters()):
+    for old_target, critic, target in zip(
+        before.critic_target.parameters(), networks.critic.parameters(), networks.critic_target.parameters(), strict=True
+    ):
         assert torch.equal(target, torch.lerp(old_target, critic, args.tau))
     assert all(math.isfinite(float(value)) for value in metrics.values())
 

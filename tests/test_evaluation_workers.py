@@ -1,6 +1,7 @@
 """The evaluation worker processes of every script (RUN OPERATIONS: speed): what stops a run when they
 fail. That they return what the in-process evaluation returns, resume bit-identically and end with
 the run is checked on real runs in tests/test_checkpoints.py."""
+
 import ctypes.util
 import os
 import signal

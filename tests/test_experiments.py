@@ -1,4 +1,5 @@
 """benchmark/run.py (the grid runner) and benchmark/report.py (figures and tables)."""
+
 import os
 import subprocess
 import sys
@@ -95,7 +96,7 @@ def test_aggregates_match_rliable_called_directly(tmp_path):
     for variant, matrix in scores.items():
         np.random.seed(7)  # rliable resamples with NumPy's global generator
         points, intervals = rly.get_interval_estimates({variant: matrix}, statistics, reps=300)
-        cells = [f"{p:.3f} [{low:.3f}, {high:.3f}]" for p, low, high in zip(points[variant], *intervals[variant])]
+        cells = [f"{p:.3f} [{low:.3f}, {high:.3f}]" for p, low, high in zip(points[variant], *intervals[variant], strict=True)]
         assert f"| {variant} | 4 x 3 | " + " | ".join(cells) + " |" in table
         if variant == "drm":  # by hand: the middle six of the twelve scores, 0.25 0.3 0.5 0.5 0.6 0.7; their sum 5.85
             assert np.allclose(points[variant], [2.85 / 6, 5.85 / 12, 1 - 5.85 / 12])
@@ -143,7 +144,8 @@ def test_missing_optional_dependencies_and_slurm_name_what_is_missing(tmp_path):
     no_slurm = run_script("benchmark/run.py", "--env-ids", "walker-walk", "--launcher", "slurm", "--output-dir", str(tmp_path),
                           env={**os.environ, "PATH": os.path.dirname(sys.executable)})  # fmt: skip
     assert no_slurm.returncode != 0 and no_slurm.stderr.strip() == (
-        "run.py: --launcher slurm needs Slurm's sbatch and srun on the PATH (run it where you submit Slurm jobs)")
+        "run.py: --launcher slurm needs Slurm's sbatch and srun on the PATH (run it where you submit Slurm jobs)"
+    )
     for module, needed in [("matplotlib", "the figures need matplotlib"), ("rliable", "the statistics need rliable")]:
         report = run_script("benchmark/report.py", str(tmp_path), prefix=without_module(module))
         assert report.returncode != 0 and f"{needed}: pip install -r requirements-experiments.txt" in report.stderr
@@ -195,6 +197,7 @@ def test_a_run_is_continued_from_its_checkpoint_in_its_run_directory_and_never_r
 
     task, output_dir, env = GridTask(), str(tmp_path), dict(os.environ)
     task.output_dir = output_dir
+
     def command(name, *flags):
         return [sys.executable, "-c", STAND_IN, name, *flags]
 
@@ -210,7 +213,14 @@ def test_a_run_is_continued_from_its_checkpoint_in_its_run_directory_and_never_r
 
     # a run that failed before its first checkpoint starts over: its run directory goes
     assert task.run("toy__drm__2", command("toy__drm__2", "--crash"), env) == 1
-    assert grid_status(output_dir)[1] == ("toy__drm__2", "failed", 20, 1, "local", "exit 1: toy.py: losses/qf_loss is nan at global_step=20")
+    assert grid_status(output_dir)[1] == (
+        "toy__drm__2",
+        "failed",
+        20,
+        1,
+        "local",
+        "exit 1: toy.py: losses/qf_loss is nan at global_step=20",
+    )
     (failed_dir,) = [name for name in os.listdir(tmp_path / "runs") if name.startswith("toy__drm__2__")]
     assert task.run("toy__drm__2", command("toy__drm__2"), env) == 143
     log = (tmp_path / "logs" / "toy__drm__2.log").read_text()
@@ -243,7 +253,9 @@ def test_two_tiny_jobs_run_through_submitit_locally_end_to_end_each_on_its_own_g
     result = run_script(*grid, env={**os.environ, "CUDA_VISIBLE_DEVICES": "3,5"})
     assert result.returncode == 0, result.stderr[-3000:] + result.stdout
     assert "2 of 2 runs finished" in result.stdout
-    devices = {(tmp_path / "logs" / name).read_text().split("CUDA_VISIBLE_DEVICES=")[1].split()[0] for name in os.listdir(tmp_path / "logs")}
+    devices = {
+        (tmp_path / "logs" / name).read_text().split("CUDA_VISIBLE_DEVICES=")[1].split()[0] for name in os.listdir(tmp_path / "logs")
+    }
     assert devices == {"3", "5"}  # one each
     # the job array went through submitit: one array task per worker, each with its pickled result
     assert len([name for name in os.listdir(tmp_path / "submitit") if name.endswith("_result.pkl")]) == 2
@@ -309,8 +321,9 @@ def test_reproduction_script_dry_run_lists_the_published_grid():
 @pytest.mark.parametrize("variant", ["drm", "no-perturb", "linear-exploration", "no-exploit", "drqv2"])
 def test_every_variant_is_a_valid_command_line(variant):
     sys.path.insert(0, ROOT)
-    import drm
     import tyro
+
+    import drm
 
     flags = __import__("run").VARIANTS[variant]
     args = tyro.cli(drm.Args, args=flags)

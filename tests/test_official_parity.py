@@ -1,6 +1,7 @@
 """benchmark/official_parity.py run as a user would: against the official DrM code when
 DRM_OFFICIAL_CHECKOUT names a checkout of XuGW-Kevin/DrM at 317116a (skipped otherwise), and its
 one-line refusals of an --official path that is not such a checkout."""
+
 import os
 import re
 import sys
@@ -10,9 +11,7 @@ import pytest
 from helpers import ROOT, run_script
 
 OFFICIAL = os.environ.get("DRM_OFFICIAL_CHECKOUT")
-NEEDS_OFFICIAL = pytest.mark.skipif(
-    not OFFICIAL, reason="set DRM_OFFICIAL_CHECKOUT to a checkout of XuGW-Kevin/DrM at commit 317116a"
-)
+NEEDS_OFFICIAL = pytest.mark.skipif(not OFFICIAL, reason="set DRM_OFFICIAL_CHECKOUT to a checkout of XuGW-Kevin/DrM at commit 317116a")
 FAMILIES = ("dmc", "adroit", "metaworld")
 CHECKS = [
     ("shift", "frames"), ("forward", "outputs"), ("update", "parameters"), ("update", "metrics"),

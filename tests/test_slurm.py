@@ -1,6 +1,7 @@
 """benchmark/run.py on a real single-node Slurm (started by tests/conftest.py; skipped where it cannot
 be, except in CI): a grid end to end with its report, a pre-emption and a time limit. The pre-empted
 and the time-limited run each end resumed, and log what the uninterrupted reference run logged."""
+
 import concurrent.futures
 import os
 import re
@@ -67,7 +68,7 @@ def scenarios(slurm, reference_runs, tmp_path_factory):
     wait_until(lambda: resumed.search(log_of(limited)), 300, "the time-limited run to resume and train an episode")
     subprocess.run(["scancel", limited_array], env=slurm, check=True)
     for job in (preemptor, grid_array, limited_array):
-        wait_until(lambda: not squeue(slurm, job), 600, f"Slurm job {job} to end")
+        wait_until(lambda job=job: not squeue(slurm, job), 600, f"Slurm job {job} to end")
     return {"reference": reference.result(), "grid": grid, "limited": limited}
 
 

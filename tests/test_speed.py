@@ -2,6 +2,7 @@
 env-only, eager and --compile with tiny settings; on a GPU (skipped here) the CUDA graph modes too.
 Every mode trains from the same seed, so the fast paths must log eager's losses; every training mode
 evaluates, so its full-loop rate and its evaluation share are measured beside its training-only rate."""
+
 import json
 
 import pytest
