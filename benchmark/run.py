@@ -325,7 +325,13 @@ def slurm_job_id():
 
 
 def requeue(job_id):
-    """Put this Slurm job back in the queue (as submitit does after a checkpoint); whether it worked."""
+    """Put this Slurm job back in the queue (as submitit does after a checkpoint), unless it is no longer
+    running: scancel sends the same SIGTERM as a pre-emption, and a cancelled job stays cancelled.
+    Whether it was requeued."""
+    state = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True).stdout.strip()
+    if state != "RUNNING":
+        print(f"job {job_id} is {state or 'gone'}: not requeued", flush=True)
+        return False
     result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
     print(f"scontrol requeue {job_id}: {'requeued' if result.returncode == 0 else result.stderr.strip()}", flush=True)
     return result.returncode == 0
