@@ -1173,15 +1173,21 @@ class Checkpoints:
 
     def _request_stop(self, signum, _frame):
         name = signal.Signals(signum).name
-        # os.write, not print: a handler that prints while the loop prints breaks the loop's print
         if self.stop_signal is None:
             self.stop_signal = signum
-            os.write(sys.stdout.fileno(), f"{name}: stopping with a checkpoint at the end of this episode\n".encode())
+            self._say(f"{name}: stopping with a checkpoint at the end of this episode")
         elif signum == signal.SIGINT:
-            os.write(sys.stdout.fileno(), b"SIGINT again: stopping now; the last complete checkpoint stays\n")
+            self._say("SIGINT again: stopping now; the last complete checkpoint stays")
             sys.exit(128 + signum)
         else:
-            os.write(sys.stdout.fileno(), f"{name}: already stopping at the end of this episode\n".encode())
+            self._say(f"{name}: already stopping at the end of this episode")
+
+    @staticmethod
+    def _say(line):
+        # os.write, not print: a handler that prints while the loop prints breaks the loop's print; and a
+        # closed stdout (a pipe whose reader went with the same Ctrl-C) must not stop the checkpoint
+        with contextlib.suppress(OSError):
+            os.write(sys.stdout.fileno(), f"{line}\n".encode())
 
     def due(self, frame):
         return self.stop_signal is not None or (self.next_frame is not None and frame >= self.next_frame)

@@ -47,8 +47,12 @@ VARIANTS = {
 # On Slurm, runs checkpoint every this many env frames by default: about 30 (60 for drm.py's 30.1M-frame
 # tasks) minutes of a GPU run, against about 30 s to write a checkpoint holding a full 1M-transition replay
 CHECKPOINT_EVERY_FRAMES, LONG_RUN_CHECKPOINT_EVERY_FRAMES = 500_000, 1_000_000
-# exit statuses of a run that a stop signal ended with a checkpoint (128 + SIGINT, SIGTERM, SIGUSR1, SIGUSR2)
-STOPPED = {128 + signum for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}
+# exit statuses of a run that a stop signal ended: 128 + SIGINT, SIGTERM, SIGUSR1, SIGUSR2 after its
+# checkpoint at the episode end, or minus the signal when it came before the run's handlers were in place
+# (while it loaded a checkpoint): either way the run continues from its last checkpoint
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+STOPPED = {128 + signum for signum in STOP_SIGNALS} | {-signum for signum in STOP_SIGNALS}
+LOCAL_SIGNAL_DELAY_S = 30  # submitit's local executor signals a task this long before its time limit
 # why a pending Slurm job never starts, by the flag that caused it
 NEVER_STARTS = {
     "PartitionConfig": "--slurm-cpus-per-task, --slurm-gpus-per-node or --slurm-mem-gb asks for more than the partition's nodes have",
@@ -218,9 +222,13 @@ class GridTask:
     near) it calls `checkpoint`, which waits for the run, signalled too, to write its checkpoint and exit,
     and then lets submitit requeue this same task, which resumes the run."""
 
-    def __init__(self, signal_delay_s=90):
+    def __init__(self, signal_delay_s=90, on_slurm=True):
         self.signal_delay_s = signal_delay_s  # how long before the time limit submitit relays SIGUSR2
+        self.on_slurm = on_slurm  # a local grid started inside a Slurm allocation must not requeue it
         self.child, self.child_name, self.output_dir = None, None, None
+
+    def job_id(self):
+        return slurm_job_id() if self.on_slurm else None
 
     def __call__(self, runs, output_dir, env_changes):
         """Returns {name: exit status} of the runs it ran; raises if a run failed or stopped and is not
@@ -231,7 +239,7 @@ class GridTask:
         for name, command in runs:
             statuses[name] = self.run(name, command, env)
         cut_short = {name: status for name, status in statuses.items() if status not in (0, None)}
-        if any(status in STOPPED for status in cut_short.values()) and slurm_job_id() and requeue(slurm_job_id()):
+        if any(status in STOPPED for status in cut_short.values()) and self.job_id() and requeue(self.job_id()):
             return statuses  # Slurm ends this task and starts it again, which continues the runs
         if cut_short:
             raise RuntimeError("runs that did not finish: " + ", ".join(f"{name} (exit {status})" for name, status in cut_short.items()))
@@ -255,7 +263,7 @@ class GridTask:
             attempt = status.get("attempts", 0) + 1
             started = time.strftime("%Y-%m-%d %H:%M:%S")
             gpus = env.get("CUDA_VISIBLE_DEVICES", "(all)")
-            print(f"=== {name}: attempt {attempt}, {started}, host {socket.gethostname()}, job {slurm_job_id() or 'local'}, "
+            print(f"=== {name}: attempt {attempt}, {started}, host {socket.gethostname()}, job {self.job_id() or 'local'}, "
                   f"CUDA_VISIBLE_DEVICES={gpus}", file=log)  # fmt: skip
             if resumable:
                 command = [*command, "--resume", resumable[-1]]
@@ -265,9 +273,12 @@ class GridTask:
                     print(f"=== removing {path}: it has no checkpoint to continue from", file=log)
                     shutil.rmtree(path)
             print(f"=== {shlex.join(command)}", file=log, flush=True)
-            write_status(output_dir, name, state="running", attempts=attempt, job=slurm_job_id() or "local",
+            write_status(output_dir, name, state="running", attempts=attempt, job=self.job_id() or "local",
                          host=socket.gethostname(), exit=None)  # fmt: skip
-            self.child, self.child_name = subprocess.Popen(command, cwd=output_dir, stdout=log, stderr=subprocess.STDOUT, env=env), name
+            # the run holds the lock too, so that it stays held if this task dies first (a run ends its
+            # episode and checkpoints after a signal that ends this task at once)
+            self.child = subprocess.Popen(command, cwd=output_dir, stdout=log, stderr=subprocess.STDOUT, env=env, pass_fds=[lock.fileno()])
+            self.child_name = name
             exit_status = self.wait_for_child()
         self.child = None
         lock.close()
@@ -296,11 +307,12 @@ class GridTask:
         import submitit
 
         if self.child is not None and self.child.returncode is None:
-            self.child.send_signal(signal.SIGUSR2)  # a no-op if the run has it already
+            # os.kill, not send_signal, which may collect the run's exit where wait_for_child cannot record it
+            os.kill(self.child.pid, signal.SIGUSR2)  # a no-op if the run has it already
             timeout = max(self.signal_delay_s - 15, 5)  # then Slurm's own kill is near
             if self.wait_for_child(timeout) is None:
                 print(f"{self.child_name}: no checkpoint within {timeout} s; requeued anyway", flush=True)
-        return submitit.helpers.DelayedSubmission(GridTask(self.signal_delay_s), runs, output_dir, env_changes)
+        return submitit.helpers.DelayedSubmission(GridTask(self.signal_delay_s, self.on_slurm), runs, output_dir, env_changes)
 
 
 def record_exit(output_dir, name, exit_status):
@@ -328,8 +340,13 @@ def requeue(job_id):
     """Put this Slurm job back in the queue (as submitit does after a checkpoint), unless it is no longer
     running: scancel sends the same SIGTERM as a pre-emption, and a cancelled job stays cancelled.
     Whether it was requeued."""
-    state = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True).stdout.strip()
-    if state != "RUNNING":
+    for _ in range(3):  # squeue may time out while slurmctld is busy
+        listing = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True)
+        if listing.returncode == 0:
+            break
+        time.sleep(5)
+    state = listing.stdout.strip()
+    if listing.returncode == 0 and state != "RUNNING":
         print(f"job {job_id} is {state or 'gone'}: not requeued", flush=True)
         return False
     result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
@@ -337,10 +354,10 @@ def requeue(job_id):
     return result.returncode == 0
 
 
-def gpu_assignment(workers, visible):
-    """The CUDA_VISIBLE_DEVICES of each local worker: the visible GPUs dealt round-robin, one each (None
-    where there is no GPU: the worker then sees what the shell sees)."""
-    return [visible[worker % len(visible)] if visible else None for worker in range(workers)]
+def gpu_assignment(workers, visible, shell_setting=None):
+    """The CUDA_VISIBLE_DEVICES of each local worker: the visible GPUs dealt round-robin, one each; where
+    there is no GPU, the shell's setting (None unsets it; "" keeps every GPU hidden)."""
+    return [visible[worker % len(visible)] if visible else shell_setting for worker in range(workers)]
 
 
 def visible_gpus():
@@ -500,8 +517,7 @@ def main(args):
         groups = [jobs[worker :: args.workers] for worker in range(min(args.workers, len(jobs)))]
         threads = str(max(1, (os.cpu_count() or 1) // len(groups)))
         env_changes = []
-        for gpu in gpu_assignment(len(groups), visible_gpus()):
-            # None unsets it: without a GPU the runs see what the shell sees
+        for gpu in gpu_assignment(len(groups), visible_gpus(), os.environ.get("CUDA_VISIBLE_DEVICES")):
             env_changes.append({"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "CUDA_VISIBLE_DEVICES": gpu})
     executor = submitit.AutoExecutor(
         folder=os.path.join(output_dir, "submitit"), cluster=args.launcher, slurm_max_num_timeout=args.slurm_max_timeouts
@@ -515,9 +531,14 @@ def main(args):
         slurm_additional_parameters=dict(entry.split("=", 1) for entry in args.slurm_options),
     )  # fmt: skip
     for name, _ in jobs:
-        if read_status(output_dir, name).get("state") != "finished":
+        lock = lock_run(output_dir, name)  # held by a task running it, which keeps its own status
+        if lock is not None and read_status(output_dir, name).get("state") != "finished":
             write_status(output_dir, name, state="pending")
-    submitted = submit(executor, GridTask(args.slurm_signal_delay_s), groups, output_dir, env_changes)
+        if lock is not None:
+            lock.close()
+    on_slurm = args.launcher == "slurm"
+    task = GridTask(args.slurm_signal_delay_s if on_slurm else LOCAL_SIGNAL_DELAY_S, on_slurm)
+    submitted = submit(executor, task, groups, output_dir, env_changes)
     if args.launcher == "slurm":
         array_id = submitted[0].job_id.split("_")[0]
         for name, _ in jobs:

@@ -1,6 +1,7 @@
 """benchmark/run.py (the grid runner) and benchmark/report.py (figures and tables)."""
 
 import os
+import signal
 import subprocess
 import sys
 from collections import defaultdict
@@ -178,12 +179,17 @@ def test_slurm_array_carries_the_cluster_flags(tmp_path):
 # A stand-in for a training script: a new run makes its run directory, writes a checkpoint and stops as
 # SIGTERM makes a script stop; a resumed one finishes
 STAND_IN = """
-import os, sys, time
+import os, signal, sys, time
+held = any(os.readlink(f"/proc/self/fd/{fd}").endswith(".lock") for fd in os.listdir("/proc/self/fd") if fd.isdigit() and
+           os.path.exists(f"/proc/self/fd/{fd}"))
+print("the run holds its lock" if held else "the run does not hold its lock")
 if "--resume" in sys.argv:
     print("resumed at global_step=500 (with the replay buffer)"); print("global_step=1000, episode=2, episodic_return=1.0")
     sys.exit(0)
 run_dir = f"runs/{sys.argv[1]}__{time.time_ns()}"
 os.makedirs(run_dir)
+if "--killed" in sys.argv:  # a stop signal before the run's handlers are in place
+    os.kill(os.getpid(), signal.SIGTERM)
 if "--crash" in sys.argv:
     print("global_step=20, episode=1, episodic_return=0.0")
     sys.exit("toy.py: losses/qf_loss is nan at global_step=20")
@@ -198,8 +204,11 @@ def test_a_run_is_continued_from_its_checkpoint_in_its_run_directory_and_never_r
     task, output_dir, env = GridTask(), str(tmp_path), dict(os.environ)
     task.output_dir = output_dir
 
+    stand_in = tmp_path / "stand_in.py"  # by path: its source in the logged command would read as its output
+    stand_in.write_text(STAND_IN)
+
     def command(name, *flags):
-        return [sys.executable, "-c", STAND_IN, name, *flags]
+        return [sys.executable, str(stand_in), name, *flags]
 
     assert task.run("toy__drm__1", command("toy__drm__1"), env) == 143  # stopped with a checkpoint
     assert grid_status(output_dir) == [("toy__drm__1", "stopped", 500, 1, "local", "checkpoint at frame 500")]
@@ -208,6 +217,7 @@ def test_a_run_is_continued_from_its_checkpoint_in_its_run_directory_and_never_r
     log = (tmp_path / "logs" / "toy__drm__1.log").read_text()
     assert log.count("=== toy__drm__1: attempt") == 2 and f"=== continuing from {tmp_path}/runs/{run_dir}" in log
     assert log.splitlines()[-1] == "global_step=1000, episode=2, episodic_return=1.0"  # appended, not overwritten
+    assert log.count("the run holds its lock") == 2  # it stays held if this task dies before the run
     assert grid_status(output_dir) == [("toy__drm__1", "finished", 1000, 2, "local", "")]
     assert task.run("toy__drm__1", command("toy__drm__1"), env) == 0 and log == (tmp_path / "logs" / "toy__drm__1.log").read_text()
 
@@ -231,6 +241,9 @@ def test_a_run_is_continued_from_its_checkpoint_in_its_run_directory_and_never_r
     assert task.run("toy__drm__3", command("toy__drm__3"), env) is None
     assert grid_status(output_dir, ["toy__drm__3"])[0][1] == "running"
     held.close()
+    # a stop signal that kills the run before it could checkpoint stops it all the same: it continues
+    assert task.run("toy__drm__5", command("toy__drm__5", "--killed"), env) == -signal.SIGTERM
+    assert grid_status(output_dir, ["toy__drm__5"]) == [("toy__drm__5", "stopped", None, 1, "local", "no checkpoint")]
     # the local task fails when a run did not finish, naming it
     with pytest.raises(RuntimeError, match=r"runs that did not finish: toy__drm__4 \(exit 143\)"):
         task([("toy__drm__4", command("toy__drm__4"))], output_dir, {})
@@ -241,7 +254,8 @@ def test_local_workers_each_get_a_gpu_of_their_own():
 
     assert gpu_assignment(3, ["0", "1", "2", "3"]) == ["0", "1", "2"]
     assert gpu_assignment(4, ["3", "5"]) == ["3", "5", "3", "5"]  # more workers than GPUs: they share, in turn
-    assert gpu_assignment(2, []) == [None, None]  # no GPU: the shell's setting stays
+    assert gpu_assignment(2, [], None) == [None, None]  # no GPU: the shell's setting stays, unset
+    assert gpu_assignment(2, [], "") == ["", ""]  # or hiding every GPU
 
 
 def test_two_tiny_jobs_run_through_submitit_locally_end_to_end_each_on_its_own_gpu(tmp_path):

@@ -56,8 +56,8 @@ def scenarios(slurm, reference_runs, tmp_path_factory):
 
     grid_array = submit(slurm, grid, same_run, "--slurm-partition", "preemptible", variants=("drm", "drqv2"))
     wait_until(lambda: "episode=1," in log_of(grid), 240, "the first episode of the run to pre-empt")
-    preemptor = subprocess.run(["sbatch", "--parsable", "-p", "high", "-c", "4", "--mem=100M", "--wrap", "sleep 3"], env=slurm,
-                               capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    whole_node = ["sbatch", "--parsable", "-p", "high", "-c", "4", "--mem=100M", "-o", "/dev/null", "--wrap", "sleep 3"]
+    preemptor = subprocess.run(whole_node, env=slurm, capture_output=True, text=True, check=True).stdout.strip()
     wait_until(lambda: squeue(slurm, preemptor) in (["RUNNING"], []), 240, "the pre-empting job to start")
     # SIGUSR2 comes 75 s before the time limit: 15 to 45 s after the start (Slurm checks every 30 s)
     limited_array = submit(slurm, limited, [*same_run, "--total-frames", "6000"], "--timeout-min", "2", "--slurm-signal-delay-s", "75")
