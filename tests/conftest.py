@@ -58,6 +58,7 @@ KILLED_IN_THE_SECOND_CHECKPOINT_WRITE = (
 )
 
 
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: without it, `pytest -o addopts=""` runs in one process
 def pytest_xdist_auto_num_workers(config):
     """`-n auto`: a test process per core, and one more, for the time the cluster tests spend waiting."""
     return (os.cpu_count() or 1) + 1
