@@ -19,7 +19,6 @@ docs/parity.md explains the alignments and shows the output.
 import contextlib
 import importlib.util
 import os
-import platform
 import subprocess
 import sys
 from dataclasses import dataclass, replace
@@ -34,6 +33,7 @@ sys.path.insert(0, ROOT)
 import drm  # noqa: E402
 import drm_adroit  # noqa: E402
 import drm_metaworld  # noqa: E402
+from speed import cpu_name  # noqa: E402  (benchmark/speed.py, beside this script)
 
 OFFICIAL_COMMIT = "317116a"
 Family = Literal["dmc", "adroit", "metaworld"]
@@ -138,15 +138,7 @@ def checkout_commit(checkout):
 
 
 def machine(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            cpu = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores"
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
 
 
 def our_name(official_name):

@@ -388,18 +388,19 @@ def grid_status(output_dir, names=None):
         lock = lock_run(output_dir, name)
         if lock is None:  # a live process holds it, whatever the file says
             state = "running"
-        elif state == "running":  # no exit was recorded: the task was killed outright
-            checkpoint_frame = last_match(r"checkpoint: .* at global_step=(\d+)", log_tail(output_dir, name))
-            state, note = "stopped" if checkpoint_frame else "failed", "killed (no exit recorded)"
-        if lock is not None:
+        else:
             lock.close()
+            if state == "running":  # no exit was recorded: the task was killed outright
+                checkpoint_frame = last_match(r"checkpoint: .* at global_step=(\d+)", log_tail(output_dir, name))
+                state, note = "stopped" if checkpoint_frame else "failed", "killed (no exit recorded)"
         if state == "stopped":
             note = f"{note}; " if note else ""
             note += f"checkpoint at frame {checkpoint_frame:,}" if checkpoint_frame else "no checkpoint"
         elif state == "failed" and status.get("reason"):
             note = note or f"exit {status.get('exit')}: {status['reason']}"
-        if len(run_dirs(output_dir, name)) > 1:
-            note += f" ({len(run_dirs(output_dir, name))} run directories)"
+        directories = len(run_dirs(output_dir, name))
+        if directories > 1:
+            note += f" ({directories} run directories)"
         frame = progress if state in ("running", "finished", "failed") else checkpoint_frame
         rows.append((name, state, frame, status.get("attempts", 0), status.get("job", ""), note.strip()))
     return rows
@@ -531,11 +532,12 @@ def main(args):
         slurm_additional_parameters=dict(entry.split("=", 1) for entry in args.slurm_options),
     )  # fmt: skip
     for name, _ in jobs:
-        lock = lock_run(output_dir, name)  # held by a task running it, which keeps its own status
-        if lock is not None and read_status(output_dir, name).get("state") != "finished":
+        lock = lock_run(output_dir, name)
+        if lock is None:  # held by a task running it, which keeps its own status
+            continue
+        if read_status(output_dir, name).get("state") != "finished":
             write_status(output_dir, name, state="pending")
-        if lock is not None:
-            lock.close()
+        lock.close()
     on_slurm = args.launcher == "slurm"
     task = GridTask(args.slurm_signal_delay_s if on_slurm else LOCAL_SIGNAL_DELAY_S, on_slurm)
     submitted = submit(executor, task, groups, output_dir, env_changes)

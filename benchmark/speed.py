@@ -71,16 +71,21 @@ class Args:
     """where the runs and speed.json go"""
 
 
-def hardware(cuda):
-    if cuda:
-        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
+def cpu_name():
+    """The CPU's model name and core count."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as cpuinfo:
             cpu = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"{cpu}, {os.cpu_count()} cores, no GPU, torch {torch.__version__}"
+    return f"{cpu}, {os.cpu_count()} cores"
+
+
+def hardware(cuda):
+    if cuda:
+        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
+    return f"{cpu_name()}, no GPU, torch {torch.__version__}"
 
 
 def read_scalars(run_dir, tags):

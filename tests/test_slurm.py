@@ -78,6 +78,13 @@ def status_of(slurm, output_dir):
     return result.stdout
 
 
+def assert_resumed_from_its_checkpoint(log):
+    """Check that the run resumed, with its replay, from the checkpoint it stopped with; that checkpoint's frame."""
+    stopped_at = int(log.split("checkpoint: ")[1].split("global_step=")[1].split()[0])
+    assert f"resumed at global_step={stopped_at} (with the replay buffer)" in log
+    return stopped_at
+
+
 def assert_logs_what_the_reference_logged(run_dir, reference_dir, up_to_frame):
     ours, reference = scalars(run_dir), scalars(reference_dir)
     for tag in COMPARED:
@@ -101,8 +108,7 @@ def test_a_preempted_run_checkpoints_is_requeued_and_resumes_to_the_reference_re
     # Slurm's SIGTERM (the grace time is 30 s), a checkpoint at the episode end, the runner's own requeue
     # (a job that ends within its grace time is not requeued by Slurm), and the same run directory again
     assert "SIGTERM: stopping with a checkpoint at the end of this episode" in log
-    stopped_at = int(log.split("checkpoint: ")[1].split("global_step=")[1].split()[0])
-    assert f"resumed at global_step={stopped_at} (with the replay buffer)" in log
+    assert_resumed_from_its_checkpoint(log)
     assert log.count("=== cartpole-balance__drm__1: attempt") == 2 and "=== continuing from" in log
     submitit_log = open(next((grid / "submitit").glob("*_0_log.out"))).read()
     assert "requeued" in submitit_log
@@ -113,8 +119,7 @@ def test_a_time_limit_checkpoints_is_requeued_by_submitit_and_resumes(slurm, sce
     limited = scenarios["limited"]
     log = log_of(limited)
     assert "SIGUSR2: stopping with a checkpoint at the end of this episode" in log
-    stopped_at = int(log.split("checkpoint: ")[1].split("global_step=")[1].split()[0])
-    assert f"resumed at global_step={stopped_at} (with the replay buffer)" in log
+    stopped_at = assert_resumed_from_its_checkpoint(log)
     submitit_log = open(next((limited / "submitit").glob("*_0_log.err"))).read()
     assert "this job is timed-out" in submitit_log
     # up to the episode it trained after resuming, the run is the reference run (it is that run, longer),
