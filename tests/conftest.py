@@ -200,7 +200,8 @@ def slurm():
     with open(os.path.join(directory, "slurm.conf"), "w") as conf:
         conf.write(SLURM_CONF.format(dir=directory, memory_mb=memory_mb))
     env = {**os.environ, "SLURM_CONF": os.path.join(directory, "slurm.conf")}
-    if subprocess.run("munge -n | unmunge", shell=True, capture_output=True).returncode != 0:
+    started_munged = subprocess.run("munge -n | unmunge", shell=True, capture_output=True).returncode != 0
+    if started_munged:
         for path in ["/run/munge", "/var/lib/munge", "/var/log/munge"]:
             os.makedirs(path, exist_ok=True)
             shutil.chown(path, "munge", "munge")
@@ -218,7 +219,8 @@ def slurm():
         pytest.fail(f"the test Slurm did not come up: {open(os.path.join(directory, 'slurmctld.log')).read()[-2000:]}")
     yield env
     subprocess.run(["scancel", "--full", "--user", "root"], env=env, capture_output=True)
-    for daemon in ["slurmd", "slurmctld"]:
-        with open(os.path.join(directory, f"{daemon}.pid")) as pid_file:
-            os.kill(int(pid_file.read()), signal.SIGTERM)
+    pid_files = [os.path.join(directory, f"{daemon}.pid") for daemon in ["slurmd", "slurmctld"]]
+    for pid_file in pid_files + (["/run/munge/munged.pid"] if started_munged else []):  # a munged found running stays
+        with open(pid_file) as pids:
+            os.kill(int(pids.read()), signal.SIGTERM)
     shutil.rmtree(directory, ignore_errors=True)

@@ -217,6 +217,9 @@ def test_state_path_is_counted_and_perturbed():
 
 
 def test_networks_take_the_state():
+    # seeded: with 8 hidden units, some random draws leave every ReLU of the state path off for the all-ones
+    # state (about 1 in 256), and then V cannot see it; which draw a test gets must not depend on the tests before
+    torch.manual_seed(0)
     critic = drm_adroit.Critic(repr_dim=16, state_dim=24, action_dim=3, feature_dim=5, hidden_dim=8)
     value = drm_adroit.ValueNetwork(repr_dim=16, state_dim=24, feature_dim=5, hidden_dim=8)
     features, action = torch.randn(4, 16), torch.zeros(4, 3)
