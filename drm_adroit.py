@@ -5,15 +5,21 @@ import dataclasses
 import difflib
 import functools
 import importlib.util
+import json
 import math
 import multiprocessing
 import multiprocessing.connection
 import multiprocessing.resource_tracker
 import os
 import random
+import shutil
 import signal
+import socket
 import sys
+import tempfile
+import threading
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
@@ -132,6 +138,9 @@ class Args:
     """write `checkpoint.pt` into the run directory at the first episode end after every this many env frames"""
     checkpoint_replay: bool = False
     """checkpoints include the replay buffer, so that a resumed run is exactly the uninterrupted one"""
+    keep_replay_at_end: bool = False
+    """a finished run keeps its last checkpoint's replay (up to 21.2 GB), so that `--resume` with more `--total-frames` goes on
+    exactly; by default the replay is deleted at the end and `checkpoint.pt` stays without it"""
     resume: str | None = None
     """continue the run whose run directory (or checkpoint file) this is, in that directory"""
     compile: bool = False
@@ -795,9 +804,16 @@ def evaluate(env, networks, episode_seeds, device, video_path=None):
     return float(np.mean(returns)), float(np.mean(successes))
 
 
+def clock(seconds):
+    """`seconds` as hours:minutes:seconds, e.g. 123:04:05."""
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
 def main():
-    # arguments with their presets, checked; --eval-model, --print-config and --resume (RUN OPERATIONS)
-    args, checkpoint, run_dir = parse_args()
+    # arguments with their presets, checked; --eval-model, --print-config and --resume; the run directory,
+    # which this process holds a lock on until it ends (RUN OPERATIONS)
+    args, checkpoint, run_dir, lock = parse_args()
     run_name = os.path.basename(run_dir)
 
     # TRY NOT TO MODIFY: seeding and device
@@ -810,10 +826,8 @@ def main():
     if args.cuda and not torch.cuda.is_available():
         print("--cuda: no CUDA device is available, running on the CPU")
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    if args.cudagraphs and device.type != "cuda":
-        fail("--cudagraphs needs a CUDA GPU and --cuda")
     # from here on a stop signal ends the run with a checkpoint at an episode end (RUN OPERATIONS)
-    checkpoints = Checkpoints(run_dir, args.checkpoint_every_frames, checkpoint["next_step"] * args.action_repeat if checkpoint else 0)
+    checkpoints = Checkpoints(run_dir, lock, args, checkpoint)
 
     # env setup: the training env, seeded with the run's seed, and evaluation: `evaluate` on an eval env of
     # its own, or its episodes spread over worker processes (RUN OPERATIONS: speed); each evaluation
@@ -824,15 +838,16 @@ def main():
     frame_shape = (3, *obs_shape[1:])
 
     nbytes = ReplayBuffer.nbytes(args.buffer_size, frame_shape, STATE_DIM, action_dim)
-    storage = replay_device(nbytes, device)
-    print(f"replay: {args.buffer_size:,} transitions, {nbytes / 1e9:.1f} GB on {storage.type}")
-    if args.cudagraphs and storage != device:
-        fail("--cudagraphs samples the replay inside the graph, so it must fit in GPU memory; lower --buffer-size")
-    rb = ReplayBuffer(args.buffer_size, frame_shape, STATE_DIM, action_dim, args.frame_stack, args.nstep, args.gamma, storage)
+    # in GPU memory where it fits, else in host memory (RUN OPERATIONS: speed)
+    new_replay = functools.partial(
+        ReplayBuffer, args.buffer_size, frame_shape, STATE_DIM, action_dim, args.frame_stack, args.nstep, args.gamma
+    )
+    rb = place_replay(new_replay, nbytes, device, args, checkpoint)
 
     if args.track:
         import wandb
 
+        # every attempt of a resumed run goes on in the same W&B run, whose id the run directory keeps
         wandb.init(
             project=args.wandb_project_name,
             entity=args.wandb_entity,
@@ -840,6 +855,8 @@ def main():
             config=vars(args),
             name=run_name,
             save_code=True,
+            id=wandb_run_id(run_dir),
+            resume="allow",
         )
     # a resumed run appends to its event files; purge_step hides what a killed run logged after the
     # checkpoint's frame (what it logged at that very frame stays: its last episode's scalars)
@@ -871,15 +888,18 @@ def main():
     update_timer = UpdateTimer(device)
 
     total_steps = args.total_frames // args.action_repeat
-    num_seed_steps = args.num_seed_frames // args.action_repeat
+    seed_until_step = args.num_seed_frames // args.action_repeat  # uniform random actions before this agent step
     eval_every_steps = max(args.eval_every_frames // args.action_repeat, 1)
-    start_step, episode_count = 0, 0
+    start_step, episode_count, perturbation_owed = 0, 0, False
     recent_successes = deque(maxlen=10)  # training episodes behind charts/success_rate
+    checkpoints.check_room(networks, rb)  # whether the run directory's filesystem can hold the checkpoints
     if checkpoint is not None:
         start_step, episode_count = restore_run_state(
             checkpoint, networks, optimizers, beta, awaken_step, recent_successes, env, rb, device
         )
-        del checkpoint  # its replay copy would double the buffer's memory
+        if checkpoint["replay"] is None:  # an empty buffer, seeded again before updating (RUN OPERATIONS)
+            seed_until_step, perturbation_owed = seeding_after_resume(args, start_step)
+        del checkpoint  # the loaded copies of the weights
     metrics, episode_return, episode_actions = {}, 0.0, []  # episode_actions: behind charts/action_*
     start_time, stopwatch = time.time(), Stopwatch()
 
@@ -907,16 +927,17 @@ def main():
         # ALGO LOGIC: put action logic here
         step_tensor.fill_(step)
         with stopwatch("update"):  # on a GPU, acting waits here for the last update to finish
-            if step < num_seed_steps:
+            if step < seed_until_step:
                 action = np.random.uniform(-1.0, 1.0, action_dim).astype(np.float32)
             else:
                 action = policy(obs_device, state_device, step_tensor).cpu().numpy()
 
         # ALGO LOGIC: training, queued on the device before the env step so that the two run side by side
-        updating = step >= num_seed_steps and step % args.update_every_steps == 0 and rb.ready
+        updating = step >= seed_until_step and step % args.update_every_steps == 0 and rb.ready
         if updating:
             with stopwatch("update"):
-                if args.perturb and step % args.perturb_interval_steps == 0:
+                if args.perturb and (step % args.perturb_interval_steps == 0 or perturbation_owed):
+                    perturbation_owed = False
                     factor = perturb_factor(args, beta)
                     perturb_agent(networks, optimizers, factor)
                     writer.add_scalar("charts/perturb_factor", factor.item(), global_step)
@@ -952,9 +973,10 @@ def main():
             recent_successes.append(env.success)
             frames_done = (step + 1) * args.action_repeat
             sps = int((step + 1 - start_step) * args.action_repeat / (time.time() - start_time))
+            progress = f"done={frames_done / args.total_frames:.1%}, time_left={clock((args.total_frames - frames_done) / max(sps, 1))}"
             print(
                 f"global_step={frames_done}, episode={episode_count}, episodic_return={episode_return:.2f}, "
-                f"success={env.success}, SPS={sps}", flush=True,
+                f"success={env.success}, SPS={sps}, {progress}", flush=True,
             )  # fmt: skip
             writer.add_scalar("charts/episodic_return", episode_return, frames_done)
             writer.add_scalar("charts/episodic_length", env.episode_frames, frames_done)  # fewer if the pen dropped
@@ -972,6 +994,7 @@ def main():
                 stop_if_nonfinite(metrics, global_step, checkpoints)  # never checkpoint a broken state
                 checkpoints.save(
                     run_state(args, step + 1, episode_count, networks, optimizers, beta, awaken_step, recent_successes, env, rb, device),
+                    rb,
                     writer,
                 )
             with stopwatch("env"):
@@ -984,6 +1007,7 @@ def main():
         model_path = f"{run_dir}/{args.exp_name}.cleanrl_model"
         torch.save({name: network.state_dict() for name, network in networks._asdict().items()} | {"args": vars(args)}, model_path)
         print(f"model saved to {model_path}")
+    checkpoints.finish()  # what the run directory keeps of the last checkpoint
 
     close_evaluation()
     env.close()
@@ -1031,6 +1055,9 @@ def resolve_args(args: Args, valid_env_ids) -> Args:
         (args.batch_size > args.buffer_size, f"--batch-size {args.batch_size} is larger than --buffer-size {args.buffer_size}"),
         (args.nstep >= episode_steps, f"--nstep {args.nstep} is not shorter than an episode ({episode_steps} agent steps)"),
         (args.buffer_size <= args.nstep + args.frame_stack, f"--buffer-size {args.buffer_size} cannot hold one n-step window"),
+        (args.cudagraphs and not (args.cuda and torch.cuda.is_available()), "--cudagraphs needs a CUDA GPU and --cuda"),
+        (args.buffer_size > 2**24,
+         f"--buffer-size {args.buffer_size:,} is above 16,777,216 (2**24), the most slots torch.multinomial samples from"),
         (args.num_seed_frames // args.action_repeat <= args.nstep,
          f"--num-seed-frames {args.num_seed_frames} leaves no complete n-step window to learn from at the first update"),
         (args.min_perturb_factor > args.max_perturb_factor,
@@ -1043,17 +1070,21 @@ def resolve_args(args: Args, valid_env_ids) -> Args:
 
 
 def parse_args():
-    """(arguments, checkpoint or None, run directory) of the run to start or resume. With --resume the
-    checkpoint's arguments are the defaults and the flags given now may change only what does not
-    change the run. --eval-model and --print-config do their work here and exit."""
+    """(arguments, checkpoint or None, run directory, its lock) of the run to start or resume. With --resume
+    the checkpoint's arguments are the defaults and the flags given now may change only what does not
+    change the run. --eval-model and --print-config do their work here and exit. The run directory is
+    locked before its checkpoint is read, and what the run writes is checked writable before any heavy work."""
     args = tyro.cli(Args)
     if args.eval_model:
         evaluate_saved_model(args)
         sys.exit(0)
-    checkpoint = None
+    checkpoint, lock = None, None
     if args.resume:
-        checkpoint, checkpoint_path = load_checkpoint(args.resume)
+        checkpoint_path = find_checkpoint(args.resume)
+        lock = RunLock(os.path.dirname(checkpoint_path) or ".")  # no other process writes the checkpoint while it is read
+        checkpoint = load_checkpoint(checkpoint_path)
         args = tyro.cli(Args, default=Args(**{**checkpoint["args"], "resume": args.resume}))
+    import_gymnasium_robotics()  # a missing install is said before the run directory is made
     args = resolve_args(args, list(ADROIT_TASKS))
     if checkpoint is not None:
         changed = [
@@ -1072,9 +1103,16 @@ def parse_args():
         sys.exit(0)
     if args.track and importlib.util.find_spec("wandb") is None:
         fail("--track needs Weights & Biases: pip install wandb")
-    if checkpoint is not None:
-        return args, checkpoint, os.path.dirname(checkpoint_path)
-    return args, None, f"runs/{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    if lock is None:
+        lock = RunLock(f"runs/{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}")  # makes the directory
+    if args.capture_video:  # the videos go under the working directory
+        video_dir = f"videos/{os.path.basename(lock.run_dir)}"
+        try:
+            os.makedirs(video_dir, exist_ok=True)
+            tempfile.TemporaryFile(dir=video_dir).close()
+        except OSError as error:
+            fail(f"--capture-video: cannot write {os.path.abspath(video_dir)} ({error.strerror or error})")
+    return args, checkpoint, lock.run_dir, lock
 
 
 def evaluate_saved_model(args):
@@ -1111,52 +1149,202 @@ def evaluate_saved_model(args):
 
 
 # ======================================================================================================
-# RUN OPERATIONS: checkpoints, resumption, signals and the non-finite-loss stop. Nothing here changes
-# what the agent learns; a reader may skip this section.
+# RUN OPERATIONS: the run directory (its lock and record), checkpoints, resumption, signals and the
+# non-finite-loss stop. Nothing here changes what the agent learns; a reader may skip this section.
 # ======================================================================================================
 CHECKPOINT_NAME = "checkpoint.pt"
+CHECKPOINT_FORMAT = 2  # from format 2 on, the replay is a file of its own beside checkpoint.pt
 CHECKPOINT_KEYS = {"args", "next_step", "episode_count", "recent_successes", "drm_state", "networks", "optimizers", "rng", "env", "replay"}
 REPLAY_FIELDS = ("frames", "states", "actions", "rewards", "discounts", "episode_steps", "valid")
+CHUNK_BYTES = 64 * 1024**2  # the replay is written and read in pieces of this size: no copy of it is ever made
+LOCK_NAME, RECORD_NAME = "run.lock", "run.json"
+# the lock's holder refreshes it every HEARTBEAT_S; a lock from another host left unrefreshed for STALE_LOCK_S is taken over
+HEARTBEAT_S, STALE_LOCK_S = 15, 120
 # arguments that change nothing the agent does, and so may differ from the checkpoint's on --resume
 RESUMABLE_CHANGES = {
     "resume", "total_frames", "track", "wandb_project_name", "wandb_entity", "capture_video", "save_model",
-    "print_config", "checkpoint_every_frames", "checkpoint_replay", "compile", "cudagraphs", "eval_workers",
+    "print_config", "checkpoint_every_frames", "checkpoint_replay", "keep_replay_at_end", "compile", "cudagraphs",
+    "eval_workers",
 }  # fmt: skip
 # arguments that change only the float rounding: a resumed run may change them (to move to another device,
 # say), and then goes on as the same run up to rounding, no longer bit-identical to the uninterrupted one
 ROUNDING_CHANGES = {"cuda", "tf32", "torch_deterministic"}
 
 
-def load_checkpoint(path):
-    """(checkpoint, its path) for a run directory or a checkpoint file; stops with the reason if it
-    cannot be read. Checkpoints hold pickled RNG states: load only checkpoints you wrote."""
+def writer_name():
+    """This process as `{host}-{pid}`: the files it writes under temporary names carry it, so that two
+    writers never share one."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def process_start(pid):
+    """When process `pid` started, in clock ticks since boot (None if there is no such process): with the
+    boot, it names a process where its pid alone may have been reused."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return int(stat.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def boot_id():
+    with contextlib.suppress(OSError), open("/proc/sys/kernel/random/boot_id") as boot:
+        return boot.read().strip()
+
+
+class RunLock:
+    """One process per run directory. `run.lock` names its holder (host, pid, when that process started)
+    and is created exclusively, which works where flock does not (flock is per node on Lustre and BeeGFS,
+    and missing on some filesystems); a thread refreshes its time every HEARTBEAT_S. A lock whose holder
+    is gone is taken over: on this host when that process has ended, from another host when the lock has
+    not been refreshed for STALE_LOCK_S. The lock goes when this process exits (a killed process leaves it
+    to be taken over). Making the lock is also the check that the run directory can be written."""
+
+    def __init__(self, run_dir):
+        self.run_dir, self.path = run_dir, os.path.join(run_dir, LOCK_NAME)
+        self.holder = {"host": socket.gethostname(), "pid": os.getpid(), "started": process_start(os.getpid()), "boot": boot_id()}
+        try:
+            os.makedirs(run_dir, exist_ok=True)
+            self._take()
+        except OSError as error:
+            fail(f"cannot write the run directory {os.path.abspath(run_dir)} ({error.strerror or error}); run where you can write")
+        self.released = threading.Event()
+        atexit.register(self.release)
+        threading.Thread(target=self._refresh, name="run lock", daemon=True).start()
+
+    def _take(self):
+        for _ in range(3):
+            try:
+                descriptor = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder, age = self.read()
+                if not self._gone(holder, age):
+                    fail(
+                        f"{os.path.abspath(self.run_dir)} is in use by pid {holder.get('pid')} on {holder.get('host')} (its lock "
+                        f"refreshed {age:.0f} s ago): one process per run directory; its lock is taken over once that process "
+                        f"has ended, or, from another host, after {STALE_LOCK_S} s unrefreshed"
+                    )
+                why = "that process has ended" if holder.get("host") == self.holder["host"] else f"it was not refreshed for {age:.0f} s"
+                print(f"taking over the lock of pid {holder.get('pid')} on {holder.get('host')}: {why}", flush=True)
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(self.path)
+                continue
+            with os.fdopen(descriptor, "w") as file:
+                json.dump(self.holder, file)
+            return
+        fail(f"cannot take the lock of {os.path.abspath(self.run_dir)}: other processes keep taking it")
+
+    def read(self):
+        """(the holder the lock names, {} if it cannot be read; seconds since it was refreshed)"""
+        try:
+            age = time.time() - os.stat(self.path).st_mtime
+            with open(self.path) as file:
+                return json.load(file), age
+        except (OSError, ValueError):
+            return {}, 0.0
+
+    def _gone(self, holder, age):
+        if holder.get("host") == self.holder["host"] and holder.get("boot") == self.holder["boot"]:
+            return process_start(holder.get("pid")) != holder.get("started")
+        return age > STALE_LOCK_S
+
+    def held(self):
+        """Whether this process still holds the lock (another one may have taken over a lock it took for stale)."""
+        return self.read()[0] == self.holder
+
+    def _refresh(self):
+        while not self.released.wait(HEARTBEAT_S):
+            with contextlib.suppress(OSError):
+                os.utime(self.path)
+
+    def release(self):
+        self.released.set()
+        if self.held():
+            with contextlib.suppress(OSError):
+                os.remove(self.path)
+
+
+def read_run_record(run_dir):
+    """The run's own record, `run.json` in its run directory: attempts, W&B id and last checkpoint."""
+    try:
+        with open(os.path.join(run_dir, RECORD_NAME)) as file:
+            return json.load(file)
+    except (OSError, ValueError):
+        return {}
+
+
+def update_run_record(run_dir, **fields):
+    """Merge `fields` into the run's record, written whole and renamed over the old one; returns the record.
+    A record that cannot be written (a full disk) stays as it was: it must not stop the run."""
+    record = read_run_record(run_dir) | fields
+    path = os.path.join(run_dir, RECORD_NAME)
+    temporary = f"{path}.{writer_name()}.tmp"
+    try:
+        with open(temporary, "w") as file:
+            json.dump(record, file, indent=1)
+        os.replace(temporary, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
+    return record
+
+
+def wandb_run_id(run_dir):
+    """The id of this run's W&B run: made at its first attempt and kept in its record, so that every attempt
+    of a resumed run goes on in the same W&B run."""
+    return read_run_record(run_dir).get("wandb_id") or update_run_record(run_dir, wandb_id=uuid.uuid4().hex[:12])["wandb_id"]
+
+
+def find_checkpoint(path):
+    """The checkpoint file of `--resume PATH`, a run directory or its checkpoint file; stops if there is none."""
     if os.path.isdir(path):
         path = os.path.join(path, CHECKPOINT_NAME)
     if not os.path.isfile(path):
         fail(f"--resume: no checkpoint at {path}")
+    return path
+
+
+def load_checkpoint(path):
+    """The checkpoint at `path`, with the path of its replay file, which must be complete; stops with the
+    reason if either cannot be read. Checkpoints hold pickled RNG states: load only checkpoints you wrote."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:
         reason = f"{type(error).__name__}: {str(error).split('. ')[0]}"
         fail(f"--resume: {path} is truncated or corrupt ({reason}); resume from another copy or start a new run")
-    if not isinstance(checkpoint, dict) or not CHECKPOINT_KEYS <= set(checkpoint):
+    if not isinstance(checkpoint, dict) or "args" not in checkpoint:
         fail(f"--resume: {path} is not a {os.path.basename(__file__)} checkpoint")
-    return checkpoint, path
+    if checkpoint.get("format") != CHECKPOINT_FORMAT or not CHECKPOINT_KEYS <= set(checkpoint):
+        fail(f"--resume: {path} was written by an earlier {os.path.basename(__file__)} (the replay inside it); resume it with that version")
+    replay = checkpoint["replay"]
+    if replay is not None:
+        replay["path"] = os.path.join(os.path.dirname(path), replay["file"])
+        size = os.path.getsize(replay["path"]) if os.path.isfile(replay["path"]) else None
+        if size != replay["nbytes"]:
+            found = "missing" if size is None else f"{size:,} of its {replay['nbytes']:,} bytes"
+            fail(f"--resume: the checkpoint's replay file {replay['path']} is {found}; resume from another copy or start a new run")
+    return checkpoint
 
 
 def run_state(args, next_step, episode_count, networks, optimizers, beta, awaken_step, recent_successes, env, rb, device):
-    """Everything the run needs to go on from agent step `next_step` at the start of a new episode. A
-    replay that is not full is kept up to its fill level, which copies that part once."""
+    """Everything the run needs to go on from agent step `next_step` at the start of a new episode, but the
+    replay's contents: with --checkpoint-replay, `save_checkpoint` writes those straight from the buffer."""
     rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(device)
     replay = None
     if args.checkpoint_replay:
-        replay = {"pos": rb.pos, "size": rb.size, "episode_step": rb.episode_step, "ready": rb.ready}
-        for field in REPLAY_FIELDS:
-            tensor = getattr(rb, field)
-            replay[field] = tensor if rb.size == rb.capacity else tensor[: rb.size].clone()
+        nbytes = sum(getattr(rb, field)[: rb.size].nbytes for field in REPLAY_FIELDS)
+        replay = {
+            "pos": rb.pos,
+            "size": rb.size,
+            "episode_step": rb.episode_step,
+            "ready": rb.ready,
+            "device": rb.device.type,
+            "nbytes": nbytes,
+        }
     return {
+        "format": CHECKPOINT_FORMAT,
         "args": vars(args),
         "next_step": next_step,
         "episode_count": episode_count,
@@ -1171,8 +1359,8 @@ def run_state(args, next_step, episode_count, networks, optimizers, beta, awaken
 
 
 def restore_run_state(checkpoint, networks, optimizers, beta, awaken_step, recent_successes, env, rb, device):
-    """Load a `run_state` checkpoint into the run; returns (the agent step to go on from, episodes so
-    far). Without its replay, the buffer starts empty and updates wait for a complete n-step window."""
+    """Load a `run_state` checkpoint into the run, and its replay file into the buffer, piece by piece;
+    returns (the agent step to go on from, episodes so far)."""
     for name, network in networks._asdict().items():
         network.load_state_dict(checkpoint["networks"][name])
     for name, optimizer in optimizers.items():
@@ -1189,23 +1377,112 @@ def restore_run_state(checkpoint, networks, optimizers, beta, awaken_step, recen
     env.set_rng_state(checkpoint["env"])
     replay = checkpoint["replay"]
     if replay is not None:
-        for field in REPLAY_FIELDS:
-            getattr(rb, field)[: replay["size"]] = replay[field]
+        try:
+            with open(replay["path"], "rb") as file:
+                for field in REPLAY_FIELDS:
+                    read_rows(file, getattr(rb, field), replay["size"])
+        except OSError as error:
+            fail(f"--resume: cannot read the replay file {replay['path']} ({error})")
         rb.pos, rb.size, rb.episode_step, rb.ready = replay["pos"], replay["size"], replay["episode_step"], replay["ready"]
     frame = checkpoint["next_step"] * checkpoint["args"]["action_repeat"]
     print(f"resumed at global_step={frame} ({'with' if replay is not None else 'WITHOUT'} the replay buffer)", flush=True)
     return checkpoint["next_step"], checkpoint["episode_count"]
 
 
-def save_checkpoint(state, path):
-    """Write atomically: into a temporary file, flushed to disk, then renamed over the previous
-    checkpoint, so a crash at any moment leaves a complete checkpoint behind."""
-    temporary = path + ".tmp"
-    with open(temporary, "wb") as file:
-        torch.save(state, file)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
+def seeding_after_resume(args, start_step):
+    """A run resumed without its replay has an empty buffer: it takes --num-seed-frames of uniform random
+    actions again before it updates, rather than draw its batches from a few hundred transitions, and a
+    perturbation due meanwhile comes at its first update. Returns (the agent step up to which it seeds,
+    whether a perturbation is owed)."""
+    seed_until_step = start_step + args.num_seed_frames // args.action_repeat
+    due = [
+        step
+        for step in range(start_step, seed_until_step)
+        if step % args.perturb_interval_steps == 0 and step % args.update_every_steps == 0
+    ]
+    print(f"seeding the empty replay again: {args.num_seed_frames:,} frames of random actions before the first update", flush=True)
+    return seed_until_step, args.perturb and bool(due)
+
+
+def replay_pieces(tensor, rows):
+    """(piece, host piece) pairs that cover tensor[:rows] as bytes, CHUNK_BYTES at a time: in host memory the
+    host piece is the piece itself, in GPU memory one host buffer that every piece passes through."""
+    data = tensor[:rows].reshape(-1).view(torch.uint8)
+    staging = torch.empty(min(CHUNK_BYTES, data.numel()), dtype=torch.uint8, pin_memory=True) if data.is_cuda else None
+    for start in range(0, data.numel(), CHUNK_BYTES):
+        piece = data[start : start + CHUNK_BYTES]
+        yield piece, piece if staging is None else staging[: piece.numel()]
+
+
+def write_rows(file, tensor, rows):
+    """Write tensor[:rows] into `file` as raw bytes, piece by piece."""
+    for piece, host_piece in replay_pieces(tensor, rows):
+        if host_piece is not piece:
+            host_piece.copy_(piece)
+        file.write(host_piece.numpy())
+
+
+def read_rows(file, tensor, rows):
+    """Read tensor[:rows] in place from `file`, as `write_rows` wrote it, piece by piece."""
+    for piece, host_piece in replay_pieces(tensor, rows):
+        if file.readinto(host_piece.numpy()) != host_piece.numel():
+            raise EOFError(f"{file.name} ends early")
+        if host_piece is not piece:
+            piece.copy_(host_piece)
+
+
+def remove_leftovers(run_dir, keep=None):
+    """Delete what checkpoint writes left in `run_dir`: temporary files (of a write cut short) and replay
+    files that no checkpoint names but `keep`. Returns their names."""
+    removed = []
+    for name in sorted(os.listdir(run_dir)):
+        if name.endswith(".tmp") or (name.startswith("replay-") and name.endswith(".bin") and name != keep):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(run_dir, name))
+                removed.append(name)
+    return removed
+
+
+def save_checkpoint(state, run_dir, rb=None):
+    """Write `state` as `checkpoint.pt` into `run_dir`, and with `rb` the filled part of its replay into a file
+    of its own that `state` names, such that a crash at any moment leaves one complete checkpoint: the
+    replay goes into a new file straight from the buffer, then the rest into a temporary file that is
+    renamed over `checkpoint.pt`, each flushed to disk first; the replaced checkpoint's replay file goes
+    last. Every file is written exclusively under a name of this writer's. A write that fails removes what
+    it wrote and raises: the previous checkpoint stays as it was."""
+    written = []
+    try:
+        if rb is not None:
+            state["replay"]["file"] = f"replay-{state['next_step']}-{writer_name()}.bin"
+            written.append(os.path.join(run_dir, state["replay"]["file"]))
+            with open(written[-1], "xb") as file:
+                for field in REPLAY_FIELDS:
+                    write_rows(file, getattr(rb, field), rb.size)
+                file.flush()
+                os.fsync(file.fileno())
+        written.append(os.path.join(run_dir, f"{CHECKPOINT_NAME}.{writer_name()}.tmp"))
+        with open(written[-1], "xb") as file:
+            torch.save(state, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(written[-1], os.path.join(run_dir, CHECKPOINT_NAME))
+    except BaseException:
+        for path in written:
+            with contextlib.suppress(OSError):
+                os.remove(path)
+        raise
+    with contextlib.suppress(OSError):  # the rename reaches the disk before the replaced replay file goes
+        directory = os.open(run_dir, os.O_RDONLY)
+        os.fsync(directory)
+        os.close(directory)
+    remove_leftovers(run_dir, keep=state["replay"]["file"] if rb is not None else None)
+
+
+def write_failure(error):
+    """Why a checkpoint write failed: the OSError, which torch.save reports as a RuntimeError of its own."""
+    if isinstance(error, RuntimeError) and isinstance(error.__context__, OSError):
+        error = error.__context__
+    return str(error).splitlines()[0]
 
 
 # Ctrl-C, and what clusters send before a pre-emption or a time limit (Slurm: SIGTERM; submitit: SIGUSR2)
@@ -1213,19 +1490,26 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 
 class Checkpoints:
-    """Checkpoints into `run_dir` at episode ends: every `every_frames` env frames (None: never), and when
-    a stop signal asks the run to stop, after which the run exits with 128 + the signal number. Repeats
-    of a signal change nothing (Slurm sends SIGTERM again when a pre-emption's grace time ends: the run
-    keeps going to its checkpoint until it is killed), except a second Ctrl-C, which stops at once and
-    keeps the last complete checkpoint. `resumed_frame`: the frame of the checkpoint this run resumed
-    from (0 for a new run)."""
+    """Checkpoints into the run directory at episode ends: every --checkpoint-every-frames env frames (None:
+    never), and when a stop signal asks the run to stop, after which the run exits with 128 + the signal
+    number. Repeats of a signal change nothing (Slurm sends SIGTERM again when a pre-emption's grace time
+    ends: the run keeps going to its checkpoint until it is killed), except a second Ctrl-C, which stops at
+    once and keeps the last complete checkpoint. A write that fails (a full disk, a quota, an I/O error)
+    keeps the last complete checkpoint and says why: the run goes on and tries again at the next interval,
+    or, stopping for a signal, exits as stopped all the same, to go on from the last complete checkpoint."""
 
-    def __init__(self, run_dir, every_frames, resumed_frame):
-        self.run_dir, self.path, self.every_frames = run_dir, os.path.join(run_dir, CHECKPOINT_NAME), every_frames
+    def __init__(self, run_dir, lock, args, checkpoint):
+        self.run_dir, self.lock, self.args = run_dir, lock, args
+        self.path, self.every_frames = os.path.join(run_dir, CHECKPOINT_NAME), args.checkpoint_every_frames
         self.resume_command = f"{sys.executable} {os.path.abspath(__file__)} --resume {os.path.abspath(run_dir)}"
+        resumed_frame = checkpoint["next_step"] * args.action_repeat if checkpoint else 0
         self.last_frame = resumed_frame or None  # the global step of the last complete checkpoint
         self.next_frame = self._next_after(resumed_frame)
         self.stop_signal = None
+        removed = remove_leftovers(run_dir, keep=checkpoint["replay"]["file"] if checkpoint and checkpoint["replay"] else None)
+        if removed:
+            print(f"removed what an interrupted checkpoint write left: {', '.join(removed)}")
+        update_run_record(run_dir, attempts=read_run_record(run_dir).get("attempts", 0) + 1)
         for signum in STOP_SIGNALS:
             signal.signal(signum, self._request_stop)
 
@@ -1250,19 +1534,70 @@ class Checkpoints:
         with contextlib.suppress(OSError):
             os.write(sys.stdout.fileno(), f"{line}\n".encode())
 
+    def check_room(self, networks, rb):
+        """With periodic checkpoints: say whether the run directory's filesystem has room for them (two at
+        once while one replaces the other), and stop if it cannot hold one. A checkpoint is the weights with
+        Adam's two moments, and with --checkpoint-replay the replay as full as this run will fill it. Quotas
+        are not seen here: a write they stop fails as any other does."""
+        if not self.every_frames:
+            return
+        weights = sum(parameter.nbytes for network in networks for parameter in network.parameters())
+        rows = min(rb.capacity, self.args.total_frames // self.args.action_repeat) if self.args.checkpoint_replay else 0
+        size = 3 * weights + rows * sum(getattr(rb, field)[0].nbytes for field in REPLAY_FIELDS)
+        free = shutil.disk_usage(self.run_dir).free
+        each = f"up to {size / 1e9:.2f} GB each{' (the replay included)' if rows else ''}"
+        if free < size:
+            advice = "; or leave the replay out: --no-checkpoint-replay" if rows else ""
+            free_there = f"{os.path.abspath(self.run_dir)} has {free / 1e9:.2f} GB free"
+            fail(f"--checkpoint-every-frames: checkpoints take {each}, but {free_there}{advice}")
+        on_disk = 1 if self.last_frame is not None else 0  # a resumed run's checkpoint is there already
+        room = "room for them" if free >= (2 - on_disk) * size else "room for the first only (a later write holds two at once)"
+        print(f"checkpoints: {each}; {free / 1e9:.2f} GB free in the run directory: {room}", flush=True)
+
     def due(self, frame):
+        """Whether to checkpoint at this episode end; stops the run if another process took its directory over."""
+        if not self.lock.held():
+            holder = self.lock.read()[0]
+            fail(f"pid {holder.get('pid')} on {holder.get('host')} took the run directory over: this process stops without writing to it")
         return self.stop_signal is not None or (self.next_frame is not None and frame >= self.next_frame)
 
-    def save(self, state, writer):
-        """Write `state`; then, if a signal asked the run to stop, close the writer and exit."""
+    def save(self, state, rb, writer):
+        """Write `state`, with the replay of `rb` if `state` has a place for it; then, if a signal asked the
+        run to stop, close the writer and exit."""
         frame = state["next_step"] * state["args"]["action_repeat"]
-        save_checkpoint(state, self.path)
-        self.last_frame, self.next_frame = frame, self._next_after(frame)
-        print(f"checkpoint: {self.path} at global_step={frame}", flush=True)
+        try:
+            save_checkpoint(state, self.run_dir, rb if state["replay"] is not None else None)
+        except (OSError, RuntimeError) as error:
+            kept = f"the one at global_step={self.last_frame} stays" if self.last_frame else "there is no complete one"
+            then = "stopping all the same" if self.stop_signal is not None else "trying again at the next interval"
+            print(f"checkpoint at global_step={frame} not written ({write_failure(error)}): {kept}; {then}", flush=True)
+            update_run_record(self.run_dir, checkpoint_error=f"global_step={frame}: {write_failure(error)}")
+        else:
+            self.last_frame = frame
+            update_run_record(self.run_dir, checkpoint={"frame": frame, "replay": rb is not None}, checkpoint_error=None)
+            print(f"checkpoint: {self.path} at global_step={frame}", flush=True)
+        self.next_frame = self._next_after(frame)
         if self.stop_signal is not None:
             writer.close()
-            print(f"stopped; continue with: {self.resume_command}", flush=True)
+            print(f"stopped; continue with: {self.resume_command}" if self.last_frame else "stopped, without a checkpoint", flush=True)
             sys.exit(128 + self.stop_signal)
+
+    def finish(self):
+        """At the end of the run, unless --keep-replay-at-end: the last checkpoint is written again without its
+        replay, whose file goes (a suite of runs would otherwise keep a full replay per run)."""
+        if self.args.keep_replay_at_end or self.last_frame is None:
+            return
+        checkpoint = torch.load(self.path, map_location="cpu", weights_only=False)
+        if checkpoint["replay"] is None:
+            return
+        checkpoint["replay"] = None
+        try:
+            save_checkpoint(checkpoint, self.run_dir)
+        except (OSError, RuntimeError) as error:
+            print(f"the last checkpoint keeps its replay: it could not be written again without it ({write_failure(error)})")
+            return
+        update_run_record(self.run_dir, checkpoint={"frame": self.last_frame, "replay": False})
+        print(f"the last checkpoint, of frame {self.last_frame:,}, stays without its replay: --keep-replay-at-end keeps it", flush=True)
 
 
 def stop_if_nonfinite(metrics, global_step, checkpoints):
@@ -1290,23 +1625,103 @@ def compile_acting_and_update():
     act, encode, update_value, update_critic, update_actor = (torch.compile(fn, options={"fallback_random": True}) for fn in phases)
 
 
-def available_host_memory():
+REPLAY_HEADROOM = 2 * 1024**3  # memory left free beside the replay: in GPU memory for the networks, in host memory for the process
+WORKER_BYTES = 400 * 1024**2  # an evaluation worker's resident memory (torch, the simulator and an env: about 360 MB measured)
+# this process's cgroup files by cgroup version: memory limit, memory in use, and the reclaimable file cache in memory.stat
+CGROUP_MEMORY_FILES = {
+    2: ("memory.max", "memory.current", "inactive_file"),
+    1: ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"),
+}
+
+
+def cgroup_memory_limits(cgroup_root="/sys/fs/cgroup", own_cgroups="/proc/self/cgroup"):
+    """[(cgroup directory, memory limit, memory in use)] of this process's memory cgroup and of each ancestor
+    with a limit, v2 or v1; in use is without the file cache the kernel reclaims before it runs out."""
+    try:
+        with open(own_cgroups) as file:
+            memberships = [line.split(":", 2) for line in file.read().splitlines()]
+    except OSError:
+        return []
+    limits = []
+    for _, controllers, path in memberships:
+        if controllers == "":
+            version, mount = 2, cgroup_root if os.path.exists(os.path.join(cgroup_root, "cgroup.controllers")) else f"{cgroup_root}/unified"
+        elif "memory" in controllers.split(","):
+            version, mount = 1, f"{cgroup_root}/memory"
+        else:
+            continue
+        limit_name, usage_name, cache_name = CGROUP_MEMORY_FILES[version]
+        directory = os.path.normpath(os.path.join(mount, path.lstrip("/")))
+        while directory.startswith(mount):
+            with contextlib.suppress(OSError, ValueError, StopIteration):  # no such file, or "max": no limit there
+                with open(os.path.join(directory, limit_name)) as limit, open(os.path.join(directory, usage_name)) as usage:
+                    limit, usage = int(limit.read()), int(usage.read())
+                with open(os.path.join(directory, "memory.stat")) as stat:
+                    cache = next(int(line.split()[1]) for line in stat if line.split()[0] == cache_name)
+                if limit < 2**60:  # v1 writes a huge number where there is no limit
+                    limits.append((directory, limit, usage - cache))
+            directory = os.path.dirname(directory)
+    return limits
+
+
+def host_memory_room():
+    """(bytes of host memory this process may still commit, what bounds them): the node's available memory,
+    or less where a cgroup's memory limit (Slurm's --mem, a container's) leaves less."""
     with open("/proc/meminfo") as meminfo:
         fields = dict(line.split(":", 1) for line in meminfo)
-    return int(fields["MemAvailable"].split()[0]) * 1024
+    room, bound = int(fields["MemAvailable"].split()[0]) * 1024, "the node's available memory"
+    for directory, limit, used in cgroup_memory_limits():
+        if limit - used < room:
+            room, bound = limit - used, f"the memory limit of cgroup {directory}: {limit / 1e9:.1f} GB, {used / 1e9:.1f} GB of it in use"
+    return room, bound
 
 
-def replay_device(nbytes, device, headroom=2 * 1024**3):
-    """Where the replay lives: on the GPU when it fits in free GPU memory (sampling is then pure device
-    indexing), else in host memory; stop before training if it fits in neither."""
-    if device.type == "cuda" and torch.cuda.mem_get_info(device)[0] > nbytes + headroom:
-        return device
-    if available_host_memory() > nbytes + headroom:
-        return torch.device("cpu")
-    fail(
-        f"the replay buffer needs {nbytes / 1e9:.1f} GB, more than the free "
-        f"{'GPU or ' if device.type == 'cuda' else ''}host memory; lower --buffer-size"
-    )
+def place_replay(new_replay, nbytes, device, args, checkpoint):
+    """The replay buffer `new_replay(storage)`: in GPU memory when it fits there with REPLAY_HEADROOM to spare
+    (sampling is then pure device indexing), else in host memory. A resumed run keeps it where its checkpoint
+    had it when it can: elsewhere, another device's random generator draws the batches, and the run says it
+    goes on no longer bit-identical. Stops before training where the host cannot hold what the run will
+    commit: the replay when full (in host memory), the evaluation workers and a checkpoint write's piece,
+    with REPLAY_HEADROOM, against what this job may still use (`host_memory_room`)."""
+    saved_on = checkpoint["replay"]["device"] if checkpoint and checkpoint["replay"] else None
+    places = sorted(["cuda", "cpu"] if device.type == "cuda" else ["cpu"], key=lambda place: place != saved_on)
+    workers = evaluation_worker_count(args)
+    beside = workers * WORKER_BYTES + CHUNK_BYTES + REPLAY_HEADROOM  # what the host holds beside a replay
+    room, bound = host_memory_room()
+    gpu_room = device.type == "cuda" and torch.cuda.mem_get_info(device)[0] > nbytes + REPLAY_HEADROOM
+    rb = None
+    for place in places:
+        if place == "cuda" and gpu_room and room > beside:
+            try:
+                rb = new_replay(device)
+            except torch.OutOfMemoryError:  # another process took the GPU memory since it was measured
+                gpu_room = False
+        elif place == "cpu" and room > nbytes + beside:
+            rb = new_replay(torch.device("cpu"))
+        if rb is not None:
+            break
+    else:
+        workers_gb, rest_gb = workers * WORKER_BYTES / 1e9, (CHUNK_BYTES + REPLAY_HEADROOM) / 1e9
+        beside_text = f"{workers} evaluation workers {workers_gb:.1f} GB; a checkpoint write and headroom {rest_gb:.1f} GB"
+        may_use = f"but may use {room / 1e9:.1f} GB ({bound})"
+        if gpu_room:
+            fail(
+                f"--eval-workers {workers}: beside its replay in GPU memory the run needs {beside / 1e9:.1f} GB of host memory "
+                f"({beside_text}), {may_use}; lower --eval-workers"
+            )
+        fail(
+            f"--buffer-size {args.buffer_size:,}: the run needs {(nbytes + beside) / 1e9:.1f} GB of host memory (the replay when full "
+            f"{nbytes / 1e9:.1f} GB{', which no GPU has free' if device.type == 'cuda' else ''}; {beside_text}), {may_use}; "
+            "lower --buffer-size or --eval-workers"
+        )
+    print(f"replay: {args.buffer_size:,} transitions, {nbytes / 1e9:.1f} GB on {rb.device.type}")
+    if saved_on not in (None, rb.device.type):
+        print(
+            f"--resume: the replay is on {rb.device.type}, the checkpoint's was on {saved_on}: the run goes on, but no longer bit-identical"
+        )
+    if args.cudagraphs and rb.device != device:
+        fail("--cudagraphs samples the replay inside the graph, so it must fit in GPU memory; lower --buffer-size")
+    return rb
 
 
 class UpdateTimer:
@@ -1389,13 +1804,19 @@ class Stopwatch:
         return seconds
 
 
+def evaluation_worker_count(args):
+    """The evaluation worker processes of the run (0: it evaluates in this process): --eval-workers, by
+    default one per episode, up to the cores this process may use."""
+    workers = min(args.eval_workers or len(os.sched_getaffinity(0)), args.num_eval_episodes)
+    return workers if workers > 1 else 0
+
+
 def make_evaluation(args):
     """(evaluate_policy(networks, episode_seeds, device, video_path), close): `evaluate` on an eval env
-    in this process, or with more than one --eval-workers (by default one per episode, up to the cores
-    this process may use) `EvaluationWorkers`, which returns the same values."""
+    in this process, or with evaluation workers `EvaluationWorkers`, which returns the same values."""
     env_args = (args.env_id, args.seed, args.action_repeat, args.frame_stack)
-    workers = min(args.eval_workers or len(os.sched_getaffinity(0)), args.num_eval_episodes)
-    if workers <= 1:
+    workers = evaluation_worker_count(args)
+    if not workers:
         print("evaluation: in this process")
         eval_env = make_env(*env_args)
         return functools.partial(evaluate, eval_env), eval_env.close
@@ -1433,35 +1854,44 @@ def evaluation_worker(connection, env_args):
             connection.send(("error", reason))
 
 
+class WorkerFailure(Exception):
+    """An evaluation worker died, raised or fell silent."""
+
+
 class EvaluationWorkers:
     """`evaluate` with its episodes spread over `num_workers` processes, each with an eval env of its own:
     the workers step, render and write the video side by side while this process computes every action
     with `mean_action`, one observation at a time as `evaluate` does, so the mean return is `evaluate`'s
-    to the last bit. The workers are spawned once per run (no GL context or CUDA state is inherited) with
-    the stop signals blocked, so that Ctrl-C and a cluster's signals reach only the main process; they
-    end when it closes their pipes or dies. A worker that fails or falls silent stops the run with one
-    line."""
+    to the last bit. The workers are spawned at the first evaluation (no GL context or CUDA state is
+    inherited) with the stop signals blocked, so that Ctrl-C and a cluster's signals reach only the main
+    process; they end when it closes their pipes or dies. A worker that dies, raises, or falls silent (no
+    answer for twice the longest episode so far, and at least `min_silence_s`) ends its evaluation: the
+    workers are replaced and the evaluation is made again, which gives the same value; should that fail
+    too, this evaluation and every later one run in this process. A worker's start may take `startup_s`."""
 
-    def __init__(self, num_workers, env_args, timeout=600):
-        context = multiprocessing.get_context("spawn")
-        self.timeout, self.connections, self.processes = timeout, [], []
+    def __init__(self, num_workers, env_args, min_silence_s=60, startup_s=300):
+        self.num_workers, self.env_args, self.min_silence_s, self.startup_s = num_workers, env_args, min_silence_s, startup_s
+        self.connections, self.processes, self.longest_episode_s, self.eval_env = [], [], 0.0, None
         atexit.register(self.close)
+
+    def _start(self):
+        context = multiprocessing.get_context("spawn")
         # a spawned process inherits the blocked signals; multiprocessing's resource tracker is started
         # first because starting it unblocks SIGINT and SIGTERM
         multiprocessing.resource_tracker.ensure_running()
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
-            for _ in range(num_workers):
+            for _ in range(self.num_workers):
                 ours, theirs = context.Pipe()
-                process = context.Process(target=evaluation_worker, args=(theirs, env_args), name="evaluation worker")
+                process = context.Process(target=evaluation_worker, args=(theirs, self.env_args), name="evaluation worker")
                 process.start()
                 theirs.close()  # the worker holds the only other end: its death reads as the end of the pipe
                 self.connections.append(ours)
                 self.processes.append(process)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-        for worker in range(num_workers):
-            self._receive(worker)  # "ready", or the reason it could not start
+        for worker in range(self.num_workers):
+            self._receive(worker, self.startup_s)  # "ready", or the reason it could not start
 
     def _send(self, worker, command, payload):
         try:
@@ -1469,61 +1899,88 @@ class EvaluationWorkers:
         except ConnectionError:
             self._died(worker)
 
-    def _receive(self, worker):
+    def _receive(self, worker, timeout):
         connection, process = self.connections[worker], self.processes[worker]
-        if not connection.poll(self.timeout):
-            fail(f"evaluation worker {worker} (pid {process.pid}) did not answer within {self.timeout} s")
+        if not connection.poll(timeout):
+            raise WorkerFailure(f"evaluation worker {worker} (pid {process.pid}) did not answer within {timeout:.0f} s")
         try:
             kind, payload = connection.recv()
         except (EOFError, ConnectionError):
             self._died(worker)
         if kind == "error":
-            fail(f"evaluation worker {worker}: {payload}")
+            raise WorkerFailure(f"evaluation worker {worker}: {payload}")
         return payload
 
     def _died(self, worker):
         process = self.processes[worker]
         process.join(5)
-        fail(f"evaluation worker {worker} (pid {process.pid}) died with exit code {process.exitcode}")
+        raise WorkerFailure(f"evaluation worker {worker} (pid {process.pid}) died with exit code {process.exitcode}")
 
     def __call__(self, networks, episode_seeds, device, video_path=None):
+        if self.eval_env is None:
+            for attempt in range(2):
+                try:
+                    if not self.processes:
+                        self._start()
+                    return self._evaluate(networks, episode_seeds, device, video_path)
+                except WorkerFailure as failure:
+                    self.close(wait=False)
+                    then = "replacing the workers and evaluating again" if attempt == 0 else "evaluating in this process from now on"
+                    print(f"evaluation: {failure}; {then}", flush=True)
+            self.eval_env = make_env(*self.env_args)
+        return evaluate(self.eval_env, networks, episode_seeds, device, video_path)
+
+    def _evaluate(self, networks, episode_seeds, device, video_path):
         returns, successes = [0.0] * len(episode_seeds), [False] * len(episode_seeds)
         waiting, running = deque(enumerate(episode_seeds)), {}  # running: worker -> its episode
+        episode_start, asked = {}, {}  # worker -> when its episode began, when it was last asked to step
+
+        def ask(worker, command, payload):
+            asked[worker] = time.monotonic()
+            self._send(worker, command, payload)
 
         def start_next_episode(worker):
             episode, seed = waiting.popleft()
-            running[worker] = episode
-            self._send(worker, "reset", (seed, video_path if episode == 0 else None))
+            running[worker], episode_start[worker] = episode, time.monotonic()
+            ask(worker, "reset", (seed, video_path if episode == 0 else None))
 
         for worker in range(min(len(self.connections), len(waiting))):
             start_next_episode(worker)
         while running:
-            ready = multiprocessing.connection.wait([self.connections[worker] for worker in running], self.timeout)
-            if not ready:
-                fail(f"no evaluation worker answered within {self.timeout} s")
+            silence = max(self.min_silence_s, 2 * self.longest_episode_s)
+            ready = multiprocessing.connection.wait([self.connections[worker] for worker in running], silence)
             for worker in [self.connections.index(connection) for connection in ready]:
-                obs, state, reward, last, success = self._receive(worker)
+                obs, state, reward, last, success = self._receive(worker, 0)
                 returns[running[worker]] += reward
                 successes[running[worker]] = success
                 if not last:
-                    self._send(worker, "step", mean_action(networks, obs, state, device))
-                elif waiting:
+                    ask(worker, "step", mean_action(networks, obs, state, device))
+                    continue
+                self.longest_episode_s = max(self.longest_episode_s, time.monotonic() - episode_start[worker])
+                if waiting:
                     start_next_episode(worker)
                 else:
                     del running[worker]
+            for worker in running:
+                if time.monotonic() - asked[worker] > silence:
+                    raise WorkerFailure(f"evaluation worker {worker} (pid {self.processes[worker].pid}) was silent for {silence:.0f} s")
         if not returns:
             return float("nan"), float("nan")
         return float(np.mean(returns)), float(np.mean(successes))
 
-    def close(self):
+    def close(self, wait=True):
+        """End the workers: at once, or (`wait`) once they have seen their pipes close."""
         for connection in self.connections:
             connection.close()
         for process in self.processes:
-            process.join(10)
+            process.join(10 if wait else 0)
             if process.is_alive():
                 process.kill()
                 process.join()
         self.connections, self.processes = [], []
+        if wait and self.eval_env is not None:
+            self.eval_env.close()
+            self.eval_env = None
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ REFERENCE_RUNS = {
         500,
     ),
 }  # fmt: skip
+STAND_INS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "stand_ins")
 SMALL = ["--batch-size", "8", "--hidden-dim", "64", "--buffer-size", "2000", "--log-every-updates", "5", "--no-cuda"]
 # torch.save of the second checkpoint writes a few bytes, then the process is SIGKILLed
 KILLED_IN_THE_SECOND_CHECKPOINT_WRITE = (
@@ -89,7 +90,7 @@ class ReferenceRuns(NamedTuple):
     full: subprocess.CompletedProcess  # uninterrupted, evaluating in this process
     full_dir: str
     killed: subprocess.CompletedProcess  # evaluating with 2 worker processes, SIGKILLed in its second checkpoint
-    cut_write_left: bool  # whether the killed run left its cut-short checkpoint write (checkpoint.pt.tmp)
+    cut_write_left: list  # the temporary and replay files the killed run left, its cut-short checkpoint write among them
     leftover_workers: list  # processes of the killed run still alive after it
     resumed: subprocess.CompletedProcess  # the killed run resumed, evaluating in its own process
     cut_dir: str
@@ -97,19 +98,21 @@ class ReferenceRuns(NamedTuple):
 
 
 def make_reference_runs(script, full_path, cut_path, *flags):
-    """The reference runs of a script, in two empty folders; `flags` go to all three (e.g. `--cuda`)."""
+    """The reference runs of a script, in two empty folders; `flags` go to all three (e.g. `--cuda`). They track
+    their runs with a stand-in for Weights & Biases (tests/stand_ins/wandb.py)."""
     episode = REFERENCE_RUNS[script][2]
-    checkpoints = ["--checkpoint-every-frames", str(episode), "--checkpoint-replay", "--save-model", *flags]
-    full = run_script(script, *reference_flags(script), *checkpoints, "--eval-workers", "1", cwd=full_path)
+    checkpoints = ["--checkpoint-every-frames", str(episode), "--checkpoint-replay", "--save-model", "--track", *flags]
+    tracked = {**os.environ, "PYTHONPATH": os.pathsep.join([STAND_INS, *filter(None, [os.environ.get("PYTHONPATH")])])}
+    full = run_script(script, *reference_flags(script), *checkpoints, "--eval-workers", "1", cwd=full_path, env=tracked)
     assert full.returncode == 0, full.stderr[-3000:]
     marker = str(uuid.uuid4())
     killed = run_script(script, *reference_flags(script), *checkpoints, "--eval-workers", "2", "--capture-video",
                         prefix=("-c", KILLED_IN_THE_SECOND_CHECKPOINT_WRITE), cwd=cut_path,
-                        env={**os.environ, "DRM_TEST_RUN": marker})  # fmt: skip
+                        env={**tracked, "DRM_TEST_RUN": marker})  # fmt: skip
     leftover = processes_with(marker)
     cut_dir = only_run_dir(cut_path)
-    cut_write_left = os.path.exists(os.path.join(cut_dir, "checkpoint.pt.tmp"))
-    resumed = run_script(script, "--resume", cut_dir, "--eval-workers", "1", cwd=cut_path)
+    cut_write_left = sorted(name for name in os.listdir(cut_dir) if name.endswith((".tmp", ".bin")))
+    resumed = run_script(script, "--resume", cut_dir, "--eval-workers", "1", cwd=cut_path, env=tracked)
     return ReferenceRuns(full, only_run_dir(full_path), killed, cut_write_left, leftover, resumed, cut_dir, episode)
 
 

@@ -1,11 +1,14 @@
 """What the tests share: running a script of the repository as a user would, and reading what it wrote."""
 
+import contextlib
 import glob
 import os
 import subprocess
 import sys
 import time
+import uuid
 
+import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,3 +72,57 @@ def without_repeats(points):
     """Logged points in order, each once: a run killed after its last checkpoint may have logged the
     points at the checkpoint's frame that the resumed run logs again, identical."""
     return [point for i, point in enumerate(points) if point not in points[:i]]
+
+
+@contextlib.contextmanager
+def small_filesystem(path, size, read_only=False):
+    """A tmpfs of `size` (e.g. "64m") mounted at `path` while the block runs, read-only if asked; skips the
+    test where none can be mounted (it needs root)."""
+    os.makedirs(path, exist_ok=True)
+    options = f"size={size}" + (",ro" if read_only else "")
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a small filesystem here (it needs root): {mount.stderr.strip()}")
+    try:
+        yield str(path)
+    finally:
+        subprocess.run(["umount", "--lazy", str(path)], capture_output=True)
+
+
+@contextlib.contextmanager
+def memory_cgroup(limit_bytes):
+    """A memory cgroup limited to `limit_bytes`, made under this process's own while the block runs (cgroup v1,
+    or v2 where its memory controller may be enabled there); yields a `preexec_fn` that moves a child process
+    into it. Skips the test where none can be made (it needs root and a writable cgroup filesystem)."""
+    with open("/proc/self/cgroup") as own:
+        memberships = [line.split(":", 2) for line in own.read().splitlines()]
+    v1 = [path for _, controllers, path in memberships if "memory" in controllers.split(",")]
+    v2 = [path for _, controllers, path in memberships if controllers == ""]
+    if v1:
+        parent, limit_file = os.path.join("/sys/fs/cgroup/memory", v1[0].lstrip("/")), "memory.limit_in_bytes"
+    elif v2:
+        parent, limit_file = os.path.join("/sys/fs/cgroup", v2[0].lstrip("/")), "memory.max"
+    else:
+        pytest.skip("no memory cgroup here")
+    directory = os.path.join(parent, f"drm-test-{uuid.uuid4().hex[:8]}")
+    try:
+        os.mkdir(directory)
+        with open(os.path.join(directory, limit_file), "w") as limit:
+            limit.write(str(limit_bytes))
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            os.rmdir(directory)
+        pytest.skip(f"cannot make a memory cgroup under {parent}: {error}")
+
+    def move_into_it():
+        with open(os.path.join(directory, "cgroup.procs"), "w") as procs:
+            procs.write(str(os.getpid()))
+
+    try:
+        yield move_into_it
+    finally:
+        for _ in range(50):  # its processes have exited; the kernel lets it go once they are reaped
+            with contextlib.suppress(OSError):
+                os.rmdir(directory)
+                break
+            time.sleep(0.1)

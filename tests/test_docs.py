@@ -23,12 +23,13 @@ import metaworld_shadows  # noqa: E402
 import official_parity  # noqa: E402
 import report  # noqa: E402
 import run  # noqa: E402
+import soak  # noqa: E402
 import speed  # noqa: E402
 
 DOCS = ["README.md", *sorted(os.path.relpath(path, ROOT) for path in glob.glob(os.path.join(ROOT, "docs", "*.md")))]
 SCRIPTS = {"drm.py": drm, "drm_adroit.py": drm_adroit, "drm_metaworld.py": drm_metaworld}
 BENCHMARKS = {"run.py": run, "report.py": report, "speed.py": speed, "official_parity.py": official_parity,
-              "checkpoint_cost.py": checkpoint_cost, "metaworld_shadows.py": metaworld_shadows}  # fmt: skip
+              "checkpoint_cost.py": checkpoint_cost, "metaworld_shadows.py": metaworld_shadows, "soak.py": soak}  # fmt: skip
 # flags of other programs that the docs name (pip, apt-get, pytest, git, tensorboard, sbatch, scancel)
 OTHER_PROGRAMS_FLAGS = {
     "--logdir", "--help",
@@ -103,7 +104,7 @@ INVOCATIONS = invocations()
 def test_the_docs_hold_commands_of_every_script():
     scripts = {os.path.basename(script) for _, script, _ in INVOCATIONS}
     assert {"drm.py", "drm_adroit.py", "drm_metaworld.py", "run.py", "report.py", "speed.py", "official_parity.py",
-            "checkpoint_cost.py", "metaworld_shadows.py", "drm.sh"} <= scripts  # fmt: skip
+            "checkpoint_cost.py", "metaworld_shadows.py", "soak.py", "drm.sh"} <= scripts  # fmt: skip
 
 
 @pytest.mark.parametrize("doc, script, arguments", INVOCATIONS, ids=lambda value: value if isinstance(value, str) else None)

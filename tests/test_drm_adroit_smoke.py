@@ -3,6 +3,7 @@
 import ctypes.util
 import glob
 import os
+import re
 
 import imageio.v3 as iio
 import pytest
@@ -22,7 +23,8 @@ def test_adroit_run_writes_events_videos_and_a_model_that_evaluates(reference_ru
     runs = reference_runs(SCRIPT)
     result, run_dir = runs.full, runs.full_dir
     assert "  expectile: 0.7" in result.stdout and "  max_perturb_factor: 0.9" in result.stdout
-    assert "global_step=200, episode=1, episodic_return=" in result.stdout
+    # the episode line, in CleanRL's key=value style, with the share of --total-frames done and the time left
+    assert re.search(r"^global_step=200, episode=1, episodic_return=.*, SPS=\d+, done=33.3%, time_left=\d+:\d\d:\d\d$", result.stdout, re.M)
     assert "Traceback" not in result.stderr
 
     assert os.path.basename(run_dir).startswith("hammer__drm__1__")

@@ -4,6 +4,7 @@ import ctypes.util
 import glob
 import math
 import os
+import re
 
 import imageio.v3 as iio
 import pytest
@@ -22,7 +23,8 @@ def test_metaworld_run_writes_events_videos_and_model(reference_runs):
     runs = reference_runs(SCRIPT)
     result, run_dir = runs.full, runs.full_dir
     assert "  nstep: 10" in result.stdout and "  gamma: 0.97" in result.stdout and "  shadow_size: 1024" in result.stdout
-    assert "global_step=500, episode=1, episodic_return=" in result.stdout
+    # the episode line, in CleanRL's key=value style, with the share of --total-frames done and the time left
+    assert re.search(r"^global_step=500, episode=1, episodic_return=.*, SPS=\d+, done=50.0%, time_left=\d+:\d\d:\d\d$", result.stdout, re.M)
     assert "Traceback" not in result.stderr
 
     assert os.path.basename(run_dir).startswith("reach__drm__1__")

@@ -3,6 +3,7 @@
 import ctypes.util
 import glob
 import os
+import re
 
 import imageio.v3 as iio
 import pytest
@@ -30,7 +31,10 @@ def test_drm_run_writes_events_checkpoint_and_model_and_perturbs_in_the_loop(ref
     result, run_dir = runs.full, runs.full_dir
     assert "  max_perturb_factor: 1.0" in result.stdout and "  learning_rate: 0.0001" in result.stdout  # presets
     assert "replay: 2,000 transitions" in result.stdout and "evaluation: in this process" in result.stdout
-    assert "global_step=1000, episode=1, episodic_return=" in result.stdout
+    # the episode line, in CleanRL's key=value style, with the share of --total-frames done and the time left
+    assert re.search(
+        r"^global_step=1000, episode=1, episodic_return=.*, SPS=\d+, done=33.3%, time_left=\d+:\d\d:\d\d$", result.stdout, re.M
+    )
     assert "Traceback" not in result.stderr
 
     assert os.path.basename(run_dir).startswith("cartpole-balance__drm__1__")

@@ -6,6 +6,7 @@ import dataclasses
 import importlib
 import math
 import typing
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -162,6 +163,20 @@ def test_metaworld_may_awaken_at_the_first_update():
 
     args = drm_metaworld.Args(num_seed_frames=4000, action_repeat=2)
     assert drm_metaworld.awaken_step_after(args, torch.tensor(2000), torch.tensor(0.1), torch.tensor(-1)).item() == 2000
+
+
+def test_a_resume_without_its_replay_seeds_again_and_owes_a_perturbation_due_meanwhile(script, capsys):
+    args = script.Args(num_seed_frames=4000, action_repeat=2, perturb_interval_steps=100_000, update_every_steps=2)
+    # a checkpoint at 1M frames is agent step 500,000: a perturbation step, which comes at the first update
+    assert script.seeding_after_resume(args, 500_000) == (502_000, True)
+    assert "seeding the empty replay again: 4,000 frames of random actions before the first update" in capsys.readouterr().out
+    assert script.seeding_after_resume(args, 500_250) == (502_250, False)
+    assert script.seeding_after_resume(args, 499_000) == (501_000, True)
+    assert script.seeding_after_resume(dataclasses.replace(args, perturb=False), 500_000) == (502_000, False)
+    # an update step is needed: with updates every 3 steps, step 600,000 is one, 500,000 is not
+    odd = dataclasses.replace(args, update_every_steps=3)
+    assert script.seeding_after_resume(odd, 500_000) == (502_000, False)
+    assert script.seeding_after_resume(odd, 599_000)[1]
 
 
 def test_awake_std_is_the_sigmoid_until_awakening_then_at_least_the_restarted_linear_schedule(script):
@@ -414,12 +429,97 @@ def test_replay_footprint():
     assert 21.1e9 < nbytes < 21.3e9
 
 
-def test_replay_that_fits_nowhere_stops_before_training(script, monkeypatch):
-    monkeypatch.setattr(script, "available_host_memory", lambda: 8 * 1024**3)
-    assert script.replay_device(2 * 1024**3, torch.device("cpu")) == torch.device("cpu")
+class Placed(NamedTuple):
+    device: torch.device
+
+
+def place(script, monkeypatch, gpu_free_gb, host_room_gb, saved_on=None, out_of_memory=False, **args):
+    """Where `place_replay` puts a 10 GB replay, with `gpu_free_gb` free on a stand-in GPU (None: no GPU) and
+    `host_room_gb` of host memory this job may still use; a run with 2 evaluation workers."""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (gpu_free_gb * 1e9, 80e9))
+    monkeypatch.setattr(script, "host_memory_room", lambda: (host_room_gb * 1e9, "the memory limit of cgroup /job: 32.0 GB"))
+
+    def new_replay(storage):
+        if out_of_memory and storage.type == "cuda":
+            raise torch.OutOfMemoryError("another run took it")
+        return Placed(storage)
+
+    run_args = script.Args(buffer_size=470_000, num_eval_episodes=2, eval_workers=2, **args)
+    checkpoint = None if saved_on is None else {"replay": {"device": saved_on}}
+    device = torch.device("cpu" if gpu_free_gb is None else "cuda")
+    return script.place_replay(new_replay, 10e9, device, run_args, checkpoint).device.type
+
+
+def test_the_replay_goes_to_the_gpu_where_it_fits_and_a_resumed_one_stays_where_it_was(script, monkeypatch, capsys):
+    assert place(script, monkeypatch, gpu_free_gb=20, host_room_gb=40) == "cuda"
+    assert place(script, monkeypatch, gpu_free_gb=11, host_room_gb=40) == "cpu"  # 10 GB and 2 GiB headroom
+    assert place(script, monkeypatch, gpu_free_gb=20, host_room_gb=40, out_of_memory=True) == "cpu"  # taken meanwhile
+    assert place(script, monkeypatch, gpu_free_gb=None, host_room_gb=40) == "cpu"
+    capsys.readouterr()
+    # a resumed run keeps its replay where it was, which draws the same batches; elsewhere it says so
+    assert place(script, monkeypatch, gpu_free_gb=20, host_room_gb=40, saved_on="cpu") == "cpu"
+    assert place(script, monkeypatch, gpu_free_gb=20, host_room_gb=40, saved_on="cuda") == "cuda"
+    assert "no longer bit-identical" not in capsys.readouterr().out
+    assert place(script, monkeypatch, gpu_free_gb=5, host_room_gb=40, saved_on="cuda") == "cpu"
+    assert (
+        "--resume: the replay is on cpu, the checkpoint's was on cuda: the run goes on, but no longer bit-identical"
+        in capsys.readouterr().out
+    )
     with pytest.raises(SystemExit) as stop:
-        script.replay_device(21_212_000_000, torch.device("cpu"))
-    assert "the replay buffer needs 21.2 GB" in str(stop.value) and "lower --buffer-size" in str(stop.value)
+        place(script, monkeypatch, gpu_free_gb=5, host_room_gb=40, saved_on="cuda", cudagraphs=True)
+    assert "--cudagraphs samples the replay inside the graph, so it must fit in GPU memory" in str(stop.value)
+
+
+def test_a_replay_the_host_cannot_hold_stops_before_training_naming_the_flag_and_both_numbers(script, monkeypatch):
+    # beside the 10 GB replay: 2 workers of 0.42 GB, a checkpoint write's 0.07 GB and 2.15 GB headroom
+    with pytest.raises(SystemExit) as stop:
+        place(script, monkeypatch, gpu_free_gb=None, host_room_gb=12.5)
+    message = str(stop.value)
+    assert message.startswith(
+        f"{script.__name__}.py: --buffer-size 470,000: the run needs 13.1 GB of host memory (the replay when full 10.0 GB"
+    )
+    assert "2 evaluation workers 0.8 GB" in message and "but may use 12.5 GB (the memory limit of cgroup /job: 32.0 GB)" in message
+    assert message.endswith("lower --buffer-size or --eval-workers") and "\n" not in message
+    assert place(script, monkeypatch, gpu_free_gb=None, host_room_gb=13.2) == "cpu"
+    # with the replay in GPU memory the host holds the rest: the workers, the write's piece, the headroom
+    assert place(script, monkeypatch, gpu_free_gb=20, host_room_gb=3.5) == "cuda"
+    with pytest.raises(SystemExit) as stop:
+        place(script, monkeypatch, gpu_free_gb=20, host_room_gb=2.5)
+    assert str(stop.value) == (
+        f"{script.__name__}.py: --eval-workers 2: beside its replay in GPU memory the run needs 3.1 GB of host memory (2 evaluation "
+        "workers 0.8 GB; a checkpoint write and headroom 2.2 GB), but may use 2.5 GB (the memory limit of cgroup /job: 32.0 GB); "
+        "lower --eval-workers"
+    )
+
+
+def test_the_memory_limits_of_the_cgroup_v1_or_v2_and_its_ancestors(script, tmp_path):
+    def write(path, text):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+    # cgroup v2: the job's limit of 8 GB (2 GB in use, of which 0.5 GB is reclaimable file cache), its step without one
+    v2 = tmp_path / "v2"
+    write(v2 / "cgroup.controllers", "cpu memory\n")
+    write(v2 / "job" / "memory.max", "8000000000\n")
+    write(v2 / "job" / "memory.current", "2000000000\n")
+    write(v2 / "job" / "memory.stat", "anon 1500000000\nfile 500000000\ninactive_file 500000000\n")
+    write(v2 / "job" / "step" / "memory.max", "max\n")
+    write(v2 / "job" / "step" / "memory.current", "1000000000\n")
+    write(v2 / "job" / "step" / "memory.stat", "inactive_file 0\n")
+    write(tmp_path / "cgroup-v2", "0::/job/step\n")
+    assert script.cgroup_memory_limits(str(v2), str(tmp_path / "cgroup-v2")) == [(str(v2 / "job"), 8_000_000_000, 1_500_000_000)]
+    # cgroup v1 (Slurm's task/cgroup): the limit in memory.limit_in_bytes, none written as a huge number
+    v1 = tmp_path / "v1"
+    write(v1 / "memory" / "slurm" / "job_7" / "memory.limit_in_bytes", "34359738368\n")
+    write(v1 / "memory" / "slurm" / "job_7" / "memory.usage_in_bytes", "4000000000\n")
+    write(v1 / "memory" / "slurm" / "job_7" / "memory.stat", "cache 10\ntotal_inactive_file 1000000000\n")
+    write(v1 / "memory" / "slurm" / "memory.limit_in_bytes", "9223372036854771712\n")
+    write(v1 / "memory" / "slurm" / "memory.usage_in_bytes", "4000000000\n")
+    write(v1 / "memory" / "slurm" / "memory.stat", "total_inactive_file 0\n")
+    write(tmp_path / "cgroup-v1", "12:pids:/slurm/job_7\n4:memory:/slurm/job_7\n0::/slurm/job_7\n")
+    limits = script.cgroup_memory_limits(str(v1), str(tmp_path / "cgroup-v1"))
+    assert limits == [(str(v1 / "memory" / "slurm" / "job_7"), 34_359_738_368, 3_000_000_000)]
+    assert script.cgroup_memory_limits(str(v1), str(tmp_path / "nowhere")) == []
 
 
 # --------------------------------------------------------------------------------- arguments, presets
@@ -448,6 +548,10 @@ def test_presets_fill_only_what_the_command_line_left_unset():
         (dict(nstep=500), "is not shorter than an episode (500 agent steps)"),
         (dict(num_seed_frames=4), "leaves no complete n-step window"),
         (dict(min_perturb_factor=0.7, max_perturb_factor=0.6), "--min-perturb-factor 0.7 is above --max-perturb-factor 0.6"),
+        (
+            dict(buffer_size=2**24 + 1),
+            "--buffer-size 16,777,217 is above 16,777,216 (2**24), the most slots torch.multinomial samples from",
+        ),
     ],
 )
 def test_impossible_combinations_stop_with_a_reason(overrides, message):

@@ -1,9 +1,10 @@
-"""The evaluation worker processes of every script (RUN OPERATIONS: speed): what stops a run when they
-fail. That they return what the in-process evaluation returns, resume bit-identically and end with
-the run is checked on real runs in tests/test_checkpoints.py."""
+"""The evaluation worker processes of every script (RUN OPERATIONS: speed): what a run does when they fail.
+That they return what the in-process evaluation returns, resume bit-identically and end with the run is
+checked on real runs in tests/test_checkpoints.py."""
 
 import ctypes.util
 import os
+import re
 import signal
 
 import pytest
@@ -19,25 +20,66 @@ ENV_ARGS = {
 }
 
 
+def tiny_networks(script):
+    env = script.make_env(*ENV_ARGS[script])
+    shape, action_dim = env.observation_shape, env.action_dim
+    env.close()
+    return script.make_networks(shape, action_dim, script.Args(feature_dim=4, hidden_dim=8), "cpu")
+
+
+def in_process(script, networks, seeds):
+    env = script.make_env(*ENV_ARGS[script])
+    try:
+        return script.evaluate(env, networks, seeds, "cpu")
+    finally:
+        env.close()
+
+
 @pytest.mark.skipif(ctypes.util.find_library("OSMesa") is not None, reason="OSMesa is installed here")
 @pytest.mark.parametrize("script", list(ENV_ARGS), ids=lambda script: script.__name__)
-def test_a_worker_that_cannot_render_stops_the_run_with_one_line(script, monkeypatch):
-    monkeypatch.setenv("MUJOCO_GL", "osmesa")  # what the spawned worker starts with; this process keeps EGL
-    with pytest.raises(SystemExit) as stop:
-        script.EvaluationWorkers(1, ENV_ARGS[script])
-    message = str(stop.value)
-    assert message.startswith(f"{script.__name__}.py: evaluation worker 0: ") and "\n" not in message
-    assert "MUJOCO_GL=osmesa" in message and "apt-get install -y --no-install-recommends libegl1" in message
-
-
-def test_a_worker_that_dies_stops_the_run_with_one_line():
-    workers = drm.EvaluationWorkers(2, ENV_ARGS[drm])
+def test_workers_that_cannot_render_are_replaced_once_then_the_run_evaluates_in_its_own_process(script, monkeypatch, capsys):
+    networks, seeds = tiny_networks(script), script.eval_episode_seeds(1, 0, 1)
+    expected = in_process(script, networks, seeds)  # this process renders with EGL, as a run's main process does
+    monkeypatch.setenv("MUJOCO_GL", "osmesa")  # what the spawned workers start with
+    workers = script.EvaluationWorkers(1, ENV_ARGS[script])
     try:
-        networks = drm.make_networks((9, 84, 84), 1, drm.Args(feature_dim=4, hidden_dim=8), "cpu")
+        assert workers(networks, seeds, "cpu") == expected
+        lines = capsys.readouterr().out.splitlines()
+        assert len(lines) == 2 and all(line.startswith("evaluation: evaluation worker ") for line in lines)
+        assert "MUJOCO_GL=osmesa" in lines[0] and "apt-get install -y --no-install-recommends libegl1" in lines[0]
+        assert lines[0].endswith("; replacing the workers and evaluating again")
+        assert lines[1].endswith("; evaluating in this process from now on")
+        assert workers.processes == []  # and no worker is started again
+        assert workers(networks, seeds, "cpu") == expected and capsys.readouterr().out == ""
+    finally:
+        workers.close()
+
+
+def test_a_worker_that_dies_or_falls_silent_is_replaced_and_its_evaluation_made_again_to_the_same_value(capsys):
+    # a silence limit of 2 s, so that a stopped worker is found out quickly
+    workers = drm.EvaluationWorkers(2, ENV_ARGS[drm], min_silence_s=2)
+    try:
+        networks, seeds = tiny_networks(drm), drm.eval_episode_seeds(1, 0, 2)
+        expected = in_process(drm, networks, seeds)
+        workers._start()  # as the first evaluation does
         dead = workers.processes[1]
         os.kill(dead.pid, signal.SIGKILL)
-        with pytest.raises(SystemExit) as stop:
-            workers(networks, drm.eval_episode_seeds(1, 0, 4), "cpu")
-        assert str(stop.value) == f"drm.py: evaluation worker 1 (pid {dead.pid}) died with exit code -9"
+        assert workers(networks, seeds, "cpu") == expected
+        assert capsys.readouterr().out == (
+            f"evaluation: evaluation worker 1 (pid {dead.pid}) died with exit code -9; replacing the workers and evaluating again\n"
+        )
+        assert dead not in workers.processes and all(process.is_alive() for process in workers.processes)
+        assert workers.longest_episode_s > 0  # the silence limit grows with the episodes it has seen
+
+        silent = workers.processes[0]
+        os.kill(silent.pid, signal.SIGSTOP)
+        assert workers(networks, seeds, "cpu") == expected
+        # the limit: 2 s, or twice the longest episode the other worker finishes meanwhile
+        assert re.fullmatch(
+            rf"evaluation: evaluation worker 0 \(pid {silent.pid}\) was silent for \d+ s; replacing the workers and evaluating again\n",
+            capsys.readouterr().out,
+        )
+        silent.join(5)
+        assert silent.exitcode == -signal.SIGKILL  # a stopped worker is killed, not waited for
     finally:
         workers.close()
