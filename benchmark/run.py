@@ -7,7 +7,7 @@ A run is (env id, variant, seed) in an output directory. Each run writes
 output to `{output_dir}/logs/{env_id}__{variant}__{seed}.log` and its state to
 `{output_dir}/status/`; submitit's own files go to `{output_dir}/submitit`. The same grid submitted
 again, or a task requeued by Slurm or submitit, continues every run from its checkpoint in its run
-directory, skips the finished ones and leaves a running one alone.
+directory, skips the finished ones and waits for one that another process holds.
 
     python benchmark/run.py --env-ids walker-walk cheetah-run --seeds 1 2 3 --workers 2 --dry-run
     python benchmark/run.py --script drm_metaworld.py --env-ids coffee-push --launcher slurm \\
@@ -44,15 +44,20 @@ VARIANTS = {
     "no-exploit": ["--no-exploit"],
     "drqv2": ["--no-perturb", "--exploration", "linear", "--no-exploit"],
 }
-# On Slurm, runs checkpoint every this many env frames by default: about 30 (60 for drm.py's 30.1M-frame
-# tasks) minutes of a GPU run, against about 30 s to write a checkpoint holding a full 1M-transition replay
+# Runs checkpoint every this many env frames by default: about 30 (60 for drm.py's 30.1M-frame tasks) minutes
+# of a GPU run, against 16 s to write a checkpoint holding a full 1M-transition replay
 CHECKPOINT_EVERY_FRAMES, LONG_RUN_CHECKPOINT_EVERY_FRAMES = 500_000, 1_000_000
 # exit statuses of a run that a stop signal ended: 128 + SIGINT, SIGTERM, SIGUSR1, SIGUSR2 after its
 # checkpoint at the episode end, or minus the signal when it came before the run's handlers were in place
 # (while it loaded a checkpoint): either way the run continues from its last checkpoint
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 STOPPED = {128 + signum for signum in STOP_SIGNALS} | {-signum for signum in STOP_SIGNALS}
-LOCAL_SIGNAL_DELAY_S = 30  # submitit's local executor signals a task this long before its time limit
+# locally, a task is signalled this long before its time limit (at most half of it), and waits for its run's
+# checkpoint until 15 s before the limit: an episode, an evaluation and a write of a 21 GB replay on a slow disk
+LOCAL_SIGNAL_DELAY_S = 900
+# a run directory's own lock (the scripts' run.lock) refreshed this recently is held by a live process
+RUN_LOCK_FRESH_S = 120
+LOCK_POLL_S = 5  # a task waiting for a run that another process holds looks again this often
 # why a pending Slurm job never starts, by the flag that caused it
 NEVER_STARTS = {
     "PartitionConfig": "--slurm-cpus-per-task, --slurm-gpus-per-node or --slurm-mem-gb asks for more than the partition's nodes have",
@@ -98,8 +103,8 @@ class Args:
     timeout_min: int = 4320
     """time limit of one run in minutes (Slurm's --time; locally, a worker's limit is this times its number of runs)"""
     checkpoint_every_frames: int | None = None
-    """the runs' --checkpoint-every-frames (None: on Slurm 500,000, or 1,000,000 for drm.py's 30.1M-frame tasks;
-    locally none, a run then checkpoints only when stopped by a signal; 0: none)"""
+    """the runs' --checkpoint-every-frames (None: 500,000, or 1,000,000 for drm.py's 30.1M-frame tasks; 0: none,
+    a run then checkpoints only when a signal stops it)"""
     checkpoint_replay: bool = True
     """checkpoints hold the replay (up to 21.2 GB a run with a 1M-transition buffer), so that a resumed run is
     exactly the uninterrupted one; `--no-checkpoint-replay`: it resumes with an empty buffer"""
@@ -120,7 +125,7 @@ class Args:
     """seconds before the time limit at which a run gets SIGUSR2, checkpoints at its episode end and is
     requeued: enough for an evaluation, an episode and a checkpoint write"""
     slurm_max_timeouts: int = 30
-    """time limits a run may reach and be requeued (pre-emptions do not count)"""
+    """time limits a run may reach and be requeued (pre-emptions do not count), on Slurm and on this machine"""
     slurm_options: list[str] = field(default_factory=list)
     """more sbatch options as `key=value`, e.g. `account=my-lab qos=high constraint=a100`"""
 
@@ -128,7 +133,7 @@ class Args:
 def checkpoint_flags(args, env_id):
     """The checkpoint flags every run gets before --extra-flags (which win)."""
     every = args.checkpoint_every_frames
-    if every is None and args.launcher == "slurm":
+    if every is None:
         every = CHECKPOINT_EVERY_FRAMES
         if args.script == "drm.py" and env_id in long_dmc_tasks():
             every = LONG_RUN_CHECKPOINT_EVERY_FRAMES
@@ -144,16 +149,28 @@ def long_dmc_tasks():
     return {env_id for env_id, preset in drm.TASK_PRESETS.items() if preset["total_frames"] > 10_000_000}
 
 
+def threads_per_run(args, runs):
+    """The CPU threads of each run: on Slurm its task's cores; on this machine its share of the cores, with
+    `runs` in the grid (at most --workers at a time)."""
+    if args.launcher == "slurm":
+        return args.slurm_cpus_per_task
+    return max(1, (os.cpu_count() or 1) // max(1, min(args.workers, runs)))
+
+
 def expand(args):
-    """(name, command) of every run of the grid."""
+    """(name, command) of every run of the grid. Each run's evaluation workers fit its threads, before
+    --extra-flags (which win): by default a run starts one per episode up to the machine's cores."""
     variants = {name: VARIANTS[name] for name in args.variants}
     for entry in args.sweep:
         name, _, flags = entry.partition("=")
         variants[name] = shlex.split(flags)
+    grid = list(itertools.product(args.env_ids, variants, args.seeds))
+    threads = str(threads_per_run(args, len(grid)))
     jobs = []
-    for env_id, variant, seed in itertools.product(args.env_ids, variants, args.seeds):
+    for env_id, variant, seed in grid:
         command = [sys.executable, os.path.join(ROOT, args.script), "--env-id", env_id, "--seed", str(seed), "--exp-name",
-                   variant, *variants[variant], *checkpoint_flags(args, env_id), *shlex.split(args.extra_flags)]  # fmt: skip
+                   variant, *variants[variant], *checkpoint_flags(args, env_id), "--eval-workers", threads,
+                   *shlex.split(args.extra_flags)]  # fmt: skip
         jobs.append((f"{env_id}__{variant}__{seed}", command))
     return jobs
 
@@ -184,22 +201,55 @@ def write_status(output_dir, name, **fields):
     os.replace(path + ".tmp", path)
 
 
-def lock_run(output_dir, name, tries=1):
-    """An open file holding the run's exclusive lock, or None if a live process holds it (the run is
-    running). The lock goes with the process, however it ends."""
-    os.makedirs(os.path.join(output_dir, "status"), exist_ok=True)
-    lock = open(os.path.join(output_dir, "status", f"{name}.lock"), "w")
-    for attempt in range(tries):
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return lock
-        except BlockingIOError:
-            time.sleep(0.5 if attempt + 1 < tries else 0)
-    lock.close()
-    return None
+def lock_run(output_dir, name):
+    """An open file holding the run's exclusive lock, or None if a live process holds it (a task running the
+    run, or the run itself, which inherits it). The lock goes with the process, however it ends. A filesystem
+    without flock stops run.py in one line."""
+    path = os.path.join(output_dir, "status", f"{name}.lock")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    lock = open(path, "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return lock
+    except BlockingIOError:
+        lock.close()
+        return None
+    except OSError as error:  # ENOSYS, EOPNOTSUPP, ENOLCK: no flock on this filesystem
+        lock.close()
+        sys.exit(f"run.py: cannot lock {path}: {filesystem_of(path)} does not support flock ({error.strerror}); put --output-dir on "
+                 "a filesystem that does, e.g. a local disk, or ask for it (Lustre: mount with -o flock)")  # fmt: skip
 
 
-def log_tail(output_dir, name, size=1 << 18):
+def filesystem_of(path):
+    """`the {type} filesystem at {mount point}` that holds `path`, from /proc/mounts."""
+    path, found = os.path.realpath(path), ("?", "/")
+    with contextlib.suppress(OSError), open("/proc/mounts") as mounts:
+        for line in mounts:
+            _, mount_point, kind = line.split()[:3]
+            if (path + "/").startswith(mount_point.rstrip("/") + "/") and len(mount_point) >= len(found[1]):
+                found = kind, mount_point
+    return f"the {found[0]} filesystem at {found[1]}"
+
+
+def run_record(path):
+    """The record a run keeps in its run directory (`run.json`, which drm.py writes): its attempts, its last
+    complete checkpoint ({"frame", "replay"}) and its last failed checkpoint write; {} where there is none."""
+    try:
+        with open(os.path.join(path, "run.json")) as file:
+            return json.load(file)
+    except (OSError, ValueError):
+        return {}
+
+
+def run_held_elsewhere(path):
+    """Whether a live process holds the run directory `path` (its run.lock refreshed within RUN_LOCK_FRESH_S):
+    a run started by hand, or by a task on another node, where flock is per node."""
+    with contextlib.suppress(OSError):
+        return time.time() - os.stat(os.path.join(path, "run.lock")).st_mtime < RUN_LOCK_FRESH_S
+    return False
+
+
+def log_tail(output_dir, name, size=1 << 16):
     try:
         with open(os.path.join(output_dir, "logs", f"{name}.log"), "rb") as log:
             log.seek(max(0, os.fstat(log.fileno()).st_size - size))
@@ -238,7 +288,7 @@ class GridTask:
         statuses = {}
         for name, command in runs:
             statuses[name] = self.run(name, command, env)
-        cut_short = {name: status for name, status in statuses.items() if status not in (0, None)}
+        cut_short = {name: status for name, status in statuses.items() if status != 0}
         if any(status in STOPPED for status in cut_short.values()) and self.job_id() and requeue(self.job_id()):
             return statuses  # Slurm ends this task and starts it again, which continues the runs
         if cut_short:
@@ -246,15 +296,13 @@ class GridTask:
         return statuses
 
     def run(self, name, command, env):
-        """Run one run, or continue it from its checkpoint; its exit status (None: left alone)."""
+        """Run one run to its end, or continue it from its checkpoint; its exit status."""
         output_dir = self.output_dir
-        lock = lock_run(output_dir, name, tries=6)  # --status holds it for a moment
-        if lock is None:
-            print(f"{name}: running in another task; left alone", flush=True)
-            return None
+        lock = self.wait_for_run(name)
         status = read_status(output_dir, name)
         if status.get("state") == "finished":
             print(f"{name}: finished before; not run again", flush=True)
+            lock.close()
             return 0
         existing = run_dirs(output_dir, name)
         resumable = [path for path in existing if os.path.exists(os.path.join(path, "checkpoint.pt"))]
@@ -262,16 +310,18 @@ class GridTask:
         with open(os.path.join(output_dir, "logs", f"{name}.log"), "a") as log:
             attempt = status.get("attempts", 0) + 1
             started = time.strftime("%Y-%m-%d %H:%M:%S")
-            gpus = env.get("CUDA_VISIBLE_DEVICES", "(all)")
-            print(f"=== {name}: attempt {attempt}, {started}, host {socket.gethostname()}, job {self.job_id() or 'local'}, "
-                  f"CUDA_VISIBLE_DEVICES={gpus}", file=log)  # fmt: skip
+            devices = ", ".join(f"{key}={env.get(key, '(unset)')}" for key in ("CUDA_VISIBLE_DEVICES", "MUJOCO_EGL_DEVICE_ID"))
+            print(f"=== {name}: attempt {attempt}, {started}, host {socket.gethostname()}, job {self.job_id() or 'local'}, {devices}",
+                  file=log)  # fmt: skip
             if resumable:
                 command = [*command, "--resume", resumable[-1]]
                 print(f"=== continuing from {resumable[-1]}", file=log)
             for path in existing:
-                if path not in resumable[-1:]:  # stopped before its first checkpoint: started over
-                    print(f"=== removing {path}: it has no checkpoint to continue from", file=log)
-                    shutil.rmtree(path)
+                if path not in resumable[-1:]:  # stopped before its first checkpoint: kept aside, started over
+                    aside = os.path.join(output_dir, "failed_attempts", os.path.basename(path))
+                    print(f"=== moving {path} to {aside}: it has no checkpoint to continue from", file=log)
+                    os.makedirs(os.path.dirname(aside), exist_ok=True)
+                    os.replace(path, aside)
             print(f"=== {shlex.join(command)}", file=log, flush=True)
             write_status(output_dir, name, state="running", attempts=attempt, job=self.job_id() or "local",
                          host=socket.gethostname(), exit=None)  # fmt: skip
@@ -283,6 +333,25 @@ class GridTask:
         self.child = None
         lock.close()
         return exit_status
+
+    def wait_for_run(self, name):
+        """The run's lock, once no live process holds the run: another task running it; the run itself, when
+        the task that started it is gone (at a local time limit the task is started again while its run
+        still writes its checkpoint); or a process that holds its run directory (a run started by hand, or by
+        a task on another node, where flock is per node). A process that has ended holds nothing: its flock
+        went with it, and its run directory's lock goes stale."""
+        waiting = False
+        while True:
+            lock = lock_run(self.output_dir, name)
+            newest = run_dirs(self.output_dir, name)[-1:]
+            if lock is not None and not (newest and run_held_elsewhere(newest[0])):
+                return lock
+            if lock is not None:
+                lock.close()
+            if not waiting:
+                print(f"{name}: another process holds the run; waiting for it to end", flush=True)
+                waiting = True
+            time.sleep(LOCK_POLL_S)
 
     def wait_for_child(self, timeout=None):
         """The run's exit status, once it has ended (None if it is still running after `timeout` seconds).
@@ -303,30 +372,31 @@ class GridTask:
         return child.returncode
 
     def checkpoint(self, runs, output_dir, env_changes):
-        """submitit calls this on SIGUSR2, before it requeues the task: let the run checkpoint and exit."""
+        """submitit calls this on SIGUSR2, before it requeues the task: let the run checkpoint and exit. A run
+        that has not exited 15 s before the kill keeps its lock (and its checkpoint write): the requeued task
+        waits for it, then continues it."""
         import submitit
 
         if self.child is not None and self.child.returncode is None:
             # os.kill, not send_signal, which may collect the run's exit where wait_for_child cannot record it
             os.kill(self.child.pid, signal.SIGUSR2)  # a no-op if the run has it already
-            timeout = max(self.signal_delay_s - 15, 5)  # then Slurm's own kill is near
+            timeout = max(self.signal_delay_s - 15, 5)  # then the task's own kill is near
             if self.wait_for_child(timeout) is None:
-                print(f"{self.child_name}: no checkpoint within {timeout} s; requeued anyway", flush=True)
+                print(f"{self.child_name}: no checkpoint within {timeout} s; requeued, to continue the run once it ends", flush=True)
         return submitit.helpers.DelayedSubmission(GridTask(self.signal_delay_s, self.on_slurm), runs, output_dir, env_changes)
 
 
 def record_exit(output_dir, name, exit_status):
-    """The run's state from its exit status, with the frame of its last checkpoint."""
-    tail = log_tail(output_dir, name)
+    """The run's state from its exit status; a failed run's reason is its log's last line (each script's
+    one-line error)."""
     if exit_status == 0:
         state = "finished"
     elif exit_status in STOPPED:
         state = "stopped"
     else:
         state = "failed"
-    last_line = next((line for line in reversed(tail.strip().splitlines()) if line.strip()), "")
-    write_status(output_dir, name, state=state, exit=exit_status, checkpoint_frame=last_match(r"checkpoint: .* at global_step=(\d+)", tail),
-                 reason=last_line if state == "failed" else None)  # fmt: skip
+    last_line = next((line for line in reversed(log_tail(output_dir, name).strip().splitlines()) if line.strip()), "")
+    write_status(output_dir, name, state=state, exit=exit_status, reason=last_line if state == "failed" else None)
 
 
 def slurm_job_id():
@@ -354,10 +424,61 @@ def requeue(job_id):
     return result.returncode == 0
 
 
-def gpu_assignment(workers, visible, shell_setting=None):
-    """The CUDA_VISIBLE_DEVICES of each local worker: the visible GPUs dealt round-robin, one each; where
-    there is no GPU, the shell's setting (None unsets it; "" keeps every GPU hidden)."""
-    return [visible[worker % len(visible)] if visible else shell_setting for worker in range(workers)]
+def device_assignment(workers, visible, egl_devices, shell=None):
+    """The device settings of each local worker. CUDA_VISIBLE_DEVICES: the visible GPUs dealt round-robin, one
+    each; MUJOCO_EGL_DEVICE_ID: the EGL device of that GPU (`egl_devices`: {GPU: EGL device}), which MuJoCo
+    renders on (EGL ignores CUDA_VISIBLE_DEVICES: unset, every worker renders on the first EGL device);
+    CUDA_DEVICE_ORDER: PCI bus order, nvidia-smi's, in which both are counted, unless the shell sets another.
+    Where there is no GPU, or no EGL device is known for it, the shell's settings (`shell`; None unsets one,
+    "" keeps every GPU hidden)."""
+    shell = shell or {}
+    if not visible:
+        return [{"CUDA_VISIBLE_DEVICES": shell.get("CUDA_VISIBLE_DEVICES")} for _ in range(workers)]
+    assignment = []
+    for worker in range(workers):
+        gpu = visible[worker % len(visible)]
+        egl_device = egl_devices.get(gpu)
+        assignment.append({
+            "CUDA_VISIBLE_DEVICES": gpu,
+            "CUDA_DEVICE_ORDER": shell.get("CUDA_DEVICE_ORDER") or "PCI_BUS_ID",
+            "MUJOCO_EGL_DEVICE_ID": shell.get("MUJOCO_EGL_DEVICE_ID") if egl_device is None else str(egl_device),
+        })  # fmt: skip
+    return assignment
+
+
+# Prints the CUDA device of each EGL device, in the order eglQueryDevicesEXT lists them (MUJOCO_EGL_DEVICE_ID's
+# index), or null; NVIDIA's EGL tells it through the EGL_NV_device_cuda extension (EGL_CUDA_DEVICE_NV = 0x323A)
+EGL_CUDA_DEVICES = """
+import ctypes, json, sys
+egl = ctypes.CDLL("libEGL.so.1")
+egl.eglGetProcAddress.restype, egl.eglGetProcAddress.argtypes = ctypes.c_void_p, [ctypes.c_char_p]
+def function(name, *argtypes):
+    address = egl.eglGetProcAddress(name) or sys.exit(f"no {name.decode()}")
+    return ctypes.CFUNCTYPE(ctypes.c_uint, *argtypes)(address)
+query_devices = function(b"eglQueryDevicesEXT", ctypes.c_int, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int))
+query_attribute = function(b"eglQueryDeviceAttribEXT", ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(ctypes.c_ssize_t))
+devices, count = (ctypes.c_void_p * 64)(), ctypes.c_int()
+query_devices(64, devices, ctypes.byref(count))
+cuda = []
+for device in devices[: count.value]:
+    value = ctypes.c_ssize_t(-1)
+    cuda.append(value.value if query_attribute(device, 0x323A, ctypes.byref(value)) else None)
+print(json.dumps(cuda))
+"""
+
+
+def egl_devices_of_gpus():
+    """{GPU, as CUDA_VISIBLE_DEVICES counts it: the index of its EGL device, as MUJOCO_EGL_DEVICE_ID counts it},
+    asked of NVIDIA's EGL in a process that sees every GPU, counted in the order the workers count them; {}
+    where no EGL device names its CUDA device (no NVIDIA driver, or no EGL)."""
+    environment = {key: value for key, value in os.environ.items() if key != "CUDA_VISIBLE_DEVICES"}
+    environment["CUDA_DEVICE_ORDER"] = os.environ.get("CUDA_DEVICE_ORDER") or "PCI_BUS_ID"
+    try:
+        query = subprocess.run([sys.executable, "-c", EGL_CUDA_DEVICES], env=environment, capture_output=True, text=True, timeout=60)
+        cuda_devices = json.loads(query.stdout) if query.returncode == 0 else []
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        cuda_devices = []
+    return {str(cuda): egl for egl, cuda in enumerate(cuda_devices) if cuda is not None}
 
 
 def visible_gpus():
@@ -376,34 +497,80 @@ def visible_gpus():
 # ---------------------------------------------------------------------------------------------------
 def grid_status(output_dir, names=None):
     """[(name, state, frame, attempts, job, note)] of every run with a status in `output_dir` (and of
-    `names`, if given, those without one as not started)."""
+    `names`, if given, those without one as not started). A run's checkpoint comes from its own record
+    (`run.json` in its run directory); the frames it reached, from its log's last progress line. A run still
+    pending is looked up with the scheduler: pending and why, or vanished from the queue before its run
+    started (and how, where Slurm keeps accounting)."""
     status_dir = os.path.join(output_dir, "status")
     known = sorted(path[:-5] for path in os.listdir(status_dir) if path.endswith(".json")) if os.path.isdir(status_dir) else []
+    names = names or known
+    statuses = {name: read_status(output_dir, name) for name in names}
+    pending_jobs = {name: status["job"] for name, status in statuses.items() if status.get("state") == "pending" and status.get("job")}
+    queued = scheduler_states(pending_jobs.values())
     rows = []
-    for name in names or known:
-        status = read_status(output_dir, name)
-        state, note = status.get("state", "not started"), ""
-        checkpoint_frame = status.get("checkpoint_frame")
-        progress = last_match(r"global_step=(\d+)", log_tail(output_dir, name, size=1 << 16))
+    for name in names:
+        status = statuses[name]
+        state, notes = status.get("state", "not started"), []
+        directories = run_dirs(output_dir, name)
+        record = run_record(directories[-1]) if directories else {}
+        checkpoint_frame = (record.get("checkpoint") or {}).get("frame")
+        progress = last_match(r"global_step=(\d+)", log_tail(output_dir, name))
         lock = lock_run(output_dir, name)
-        if lock is None:  # a live process holds it, whatever the file says
+        if lock is None or (directories and run_held_elsewhere(directories[-1])):  # a live process holds it, whatever the file says
             state = "running"
-        else:
+        elif state == "running":  # no exit was recorded: the task was killed outright
+            state = "stopped" if checkpoint_frame else "failed"
+            notes.append("killed (no exit recorded)")
+        if lock is not None:
             lock.close()
-            if state == "running":  # no exit was recorded: the task was killed outright
-                checkpoint_frame = last_match(r"checkpoint: .* at global_step=(\d+)", log_tail(output_dir, name))
-                state, note = "stopped" if checkpoint_frame else "failed", "killed (no exit recorded)"
         if state == "stopped":
-            note = f"{note}; " if note else ""
-            note += f"checkpoint at frame {checkpoint_frame:,}" if checkpoint_frame else "no checkpoint"
-        elif state == "failed" and status.get("reason"):
-            note = note or f"exit {status.get('exit')}: {status['reason']}"
-        directories = len(run_dirs(output_dir, name))
-        if directories > 1:
-            note += f" ({directories} run directories)"
+            notes.append(f"checkpoint at frame {checkpoint_frame:,}" if checkpoint_frame else "no checkpoint")
+        elif state == "failed" and status.get("reason") and not notes:
+            notes.append(f"exit {status.get('exit')}: {status['reason']}")
+        elif state == "pending" and name in pending_jobs:
+            state, note = queued.get(pending_jobs[name], ("pending", ""))
+            notes.append(note)
+        if record.get("checkpoint_error") and state in ("running", "stopped"):
+            notes.append(f"a checkpoint write failed at {record['checkpoint_error']}")
+        if len(directories) > 1:
+            notes.append(f"{len(directories)} run directories")
         frame = progress if state in ("running", "finished", "failed") else checkpoint_frame
-        rows.append((name, state, frame, status.get("attempts", 0), status.get("job", ""), note.strip()))
+        rows.append((name, state, frame, status.get("attempts", 0), status.get("job", ""), "; ".join(filter(None, notes))))
     return rows
+
+
+def scheduler_states(jobs):
+    """{job: (state, note)} of array tasks whose run has not started: a local task whose run.py is gone
+    (`local:{pid}`), and Slurm array tasks (`{array}_{task}`), from squeue (pending, and its reason), else from
+    sacct where Slurm keeps accounting (how it ended)."""
+    states = {}
+    for job in jobs:
+        if job.startswith("local:") and not os.path.exists(f"/proc/{job.split(':')[1]}"):
+            states[job] = "vanished", "its local job ended before the run started (run.py was stopped)"
+    arrays = sorted({job.split("_")[0] for job in jobs if not job.startswith("local:")})
+    if not arrays or not shutil.which("squeue"):
+        return states
+    listing = subprocess.run(["squeue", "-h", "-r", "-j", ",".join(arrays), "-o", "%i|%T|%r"], capture_output=True, text=True).stdout
+    in_queue = {line.split("|")[0]: line.split("|")[1:] for line in listing.splitlines() if line.count("|") == 2}
+    accounting = subprocess.run(["sacct", "-n", "-X", "-P", "-j", ",".join(arrays), "-o", "JobID,State,ExitCode"], capture_output=True,
+                                text=True) if shutil.which("sacct") else None  # fmt: skip
+    ended = {}
+    if accounting is not None and accounting.returncode == 0:
+        ended = {line.split("|")[0]: line.split("|")[1:] for line in accounting.stdout.splitlines() if line.count("|") == 2}
+    for job in jobs:
+        if job in states or job.startswith("local:"):
+            continue
+        if job in in_queue:
+            slurm_state, reason = in_queue[job]
+            cause = f": {NEVER_STARTS[reason]}" if reason in NEVER_STARTS else ""
+            states[job] = "pending", f"Slurm: {slurm_state.lower()} ({reason}){cause}"
+        elif job in ended:
+            slurm_state, exit_code = ended[job]
+            states[job] = "vanished", f"gone from Slurm's queue before its run started: {slurm_state} (exit {exit_code}, sacct)"
+        else:
+            log = f"submitit/{job}_0_log.err"
+            states[job] = "vanished", f"gone from Slurm's queue before its run started (no accounting says why; see {log})"
+    return states
 
 
 def print_status(output_dir, names=None):
@@ -413,9 +580,8 @@ def print_status(output_dir, names=None):
     print("| run | state | frames | attempts | job | note |\n|---|---|---|---|---|---|")
     for name, state, frame, attempts, job, note in rows:
         print(f"| {name} | {state} | {'' if frame is None else f'{frame:,}'} | {attempts} | {job} | {note} |")
-    counts = {
-        state: sum(row[1] == state for row in rows) for state in ("finished", "running", "stopped", "failed", "pending", "not started")
-    }
+    states = ("finished", "running", "stopped", "failed", "pending", "vanished", "not started")
+    counts = {state: sum(row[1] == state for row in rows) for state in states}
     print(", ".join(f"{count} {state}" for state, count in counts.items() if count))
 
 
@@ -507,30 +673,31 @@ def main(args):
     if args.launcher == "slurm" and not (shutil.which("sbatch") and shutil.which("srun")):
         sys.exit("run.py: --launcher slurm needs Slurm's sbatch and srun on the PATH (run it where you submit Slurm jobs)")
 
+    folder, threads = os.path.join(output_dir, "submitit"), str(threads_per_run(args, len(jobs)))
     if args.launcher == "slurm":
         groups = [[job] for job in jobs]
-        threads = str(args.slurm_cpus_per_task)
         env_changes = [{"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}] * len(groups)
+        executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=args.slurm_max_timeouts)
+        executor.update_parameters(
+            name="drm", timeout_min=args.timeout_min, slurm_partition=args.slurm_partition,
+            slurm_gpus_per_node=args.slurm_gpus_per_node or None, slurm_cpus_per_task=args.slurm_cpus_per_task,
+            slurm_mem_gb=args.slurm_mem_gb, slurm_signal_delay_s=args.slurm_signal_delay_s,
+            slurm_additional_parameters=dict(entry.split("=", 1) for entry in args.slurm_options),
+        )  # fmt: skip
+        task = GridTask(args.slurm_signal_delay_s, on_slurm=True)
     else:
         # one array task per worker, each running its share of the grid, so that at most `workers` runs
-        # share this machine: they split its CPU threads, and each has a GPU of its own while there are
-        # GPUs enough (submitit's local executor hides every GPU: each worker is given its own)
+        # share this machine: they split its CPU threads, and each has a GPU of its own (and renders on it)
+        # while there are GPUs enough (submitit's local executor hides every GPU: each worker is given its own)
         groups = [jobs[worker :: args.workers] for worker in range(min(args.workers, len(jobs)))]
-        threads = str(max(1, (os.cpu_count() or 1) // len(groups)))
-        env_changes = []
-        for gpu in gpu_assignment(len(groups), visible_gpus(), os.environ.get("CUDA_VISIBLE_DEVICES")):
-            env_changes.append({"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "CUDA_VISIBLE_DEVICES": gpu})
-    executor = submitit.AutoExecutor(
-        folder=os.path.join(output_dir, "submitit"), cluster=args.launcher, slurm_max_num_timeout=args.slurm_max_timeouts
-    )
-    # the slurm_* parameters apply only on Slurm
-    executor.update_parameters(
-        name="drm", timeout_min=args.timeout_min * max(len(group) for group in groups),
-        slurm_partition=args.slurm_partition, slurm_gpus_per_node=args.slurm_gpus_per_node or None,
-        slurm_cpus_per_task=args.slurm_cpus_per_task, slurm_mem_gb=args.slurm_mem_gb,
-        slurm_signal_delay_s=args.slurm_signal_delay_s,
-        slurm_additional_parameters=dict(entry.split("=", 1) for entry in args.slurm_options),
-    )  # fmt: skip
+        gpus = visible_gpus()
+        devices = device_assignment(len(groups), gpus, egl_devices_of_gpus() if gpus else {}, os.environ)
+        env_changes = [{"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, **device} for device in devices]
+        timeout_min = args.timeout_min * max(len(group) for group in groups)
+        signal_delay_s = min(LOCAL_SIGNAL_DELAY_S, timeout_min * 60 // 2)
+        executor = submitit.LocalExecutor(folder=folder, max_num_timeout=args.slurm_max_timeouts)
+        executor.update_parameters(timeout_min=timeout_min, signal_delay_s=signal_delay_s)
+        task = GridTask(signal_delay_s, on_slurm=False)
     for name, _ in jobs:
         lock = lock_run(output_dir, name)
         if lock is None:  # held by a task running it, which keeps its own status
@@ -538,14 +705,13 @@ def main(args):
         if read_status(output_dir, name).get("state") != "finished":
             write_status(output_dir, name, state="pending")
         lock.close()
-    on_slurm = args.launcher == "slurm"
-    task = GridTask(args.slurm_signal_delay_s if on_slurm else LOCAL_SIGNAL_DELAY_S, on_slurm)
     submitted = submit(executor, task, groups, output_dir, env_changes)
+    for job, group in zip(submitted, groups, strict=True):  # what --status asks the scheduler about
+        for name, _ in group:
+            if read_status(output_dir, name).get("state") == "pending":
+                write_status(output_dir, name, job=job.job_id if args.launcher == "slurm" else f"local:{job.job_id}")
     if args.launcher == "slurm":
         array_id = submitted[0].job_id.split("_")[0]
-        for name, _ in jobs:
-            if read_status(output_dir, name).get("state") == "pending":
-                write_status(output_dir, name, job=array_id)
         report_pending(args, array_id)
         print(f"submitted {len(jobs)} runs as Slurm array {array_id}; logs in {output_dir}/logs, runs in {output_dir}/runs; "
               f"state: python {os.path.abspath(__file__)} --status --output-dir {args.output_dir}")  # fmt: skip

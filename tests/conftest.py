@@ -67,8 +67,8 @@ def pytest_xdist_auto_num_workers(config):
 
 # the longest tests first (the cluster tests wait for Slurm, and the other tests use the cores meanwhile),
 # so that no long test is left to run alone at the end
-FIRST = ["tests/test_slurm.py", "tests/test_speed.py::test_speed_on_the_cpu", "tests/test_checkpoints.py",
-         "tests/test_experiments.py::test_two_tiny_jobs"]  # fmt: skip
+FIRST = ["tests/test_slurm.py", "tests/test_speed.py::test_speed_on_the_cpu", "tests/test_experiments.py::test_a_local_time_limit",
+         "tests/test_checkpoints.py", "tests/test_experiments.py::test_two_tiny_jobs"]  # fmt: skip
 
 
 def pytest_collection_modifyitems(items):

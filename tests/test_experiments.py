@@ -1,16 +1,21 @@
 """benchmark/run.py (the grid runner) and benchmark/report.py (figures and tables)."""
 
+import errno
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
+import time
 from collections import defaultdict
 
 import numpy as np
 import pytest
 from torch.utils.tensorboard import SummaryWriter
 
-from helpers import run_script, scalars, without_module
+from conftest import REFERENCE_RUNS, SMALL, STAND_INS
+from helpers import only_run_dir, run_script, scalars, start, without_module, without_repeats
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmark"))
@@ -128,13 +133,19 @@ def test_runner_dry_run_expands_the_grid():
     commands = result.stdout.splitlines()
     assert len(commands) == 2 * 2 * 6  # env ids x seeds x (5 variants + 1 sweep point)
     drqv2 = next(c for c in commands if "--exp-name drqv2" in c and "walker-walk" in c and "--seed 2" in c)
-    # locally the runs checkpoint only when stopped by a signal, with their replay; --extra-flags come last
-    assert drqv2.endswith("--no-perturb --exploration linear --no-exploit --checkpoint-replay --total-frames 1000")
-    assert any(c.endswith("--exp-name threshold-0.1 --dormant-threshold 0.1 --checkpoint-replay --total-frames 1000") for c in commands)
+    # locally as on Slurm the runs checkpoint every 500,000 frames, with their replay; each run's evaluation
+    # workers fit the cores of this machine (one worker: all of them); --extra-flags come last
+    ours = f"--checkpoint-every-frames 500000 --checkpoint-replay --eval-workers {os.cpu_count()} --total-frames 1000"
+    assert drqv2.endswith(f"--no-perturb --exploration linear --no-exploit {ours}")
+    assert any(c.endswith(f"--exp-name threshold-0.1 --dormant-threshold 0.1 {ours}") for c in commands)
+    four = run_script("benchmark/run.py", "--env-ids", "walker-walk", "--seeds", "1", "2", "3", "4", "5", "--variants", "drm",
+                      "--workers", "4", "--dry-run")  # fmt: skip
+    assert all(c.split("--eval-workers ")[1].split()[0] == str(max(1, os.cpu_count() // 4)) for c in four.stdout.splitlines())
     on_slurm = run_script("benchmark/run.py", "--env-ids", "walker-walk", "dog-run", "--seeds", "1", "--variants", "drm", "--launcher",
                           "slurm", "--dry-run", "--no-checkpoint-replay")  # fmt: skip
     walker, dog = on_slurm.stdout.splitlines()
-    assert walker.endswith("--checkpoint-every-frames 500000") and dog.endswith("--checkpoint-every-frames 1000000")
+    assert walker.endswith("--checkpoint-every-frames 500000 --eval-workers 8")  # --slurm-cpus-per-task
+    assert dog.endswith("--checkpoint-every-frames 1000000 --eval-workers 8")
     bad = run_script("benchmark/run.py", "--env-ids", "walker-walk", "--variants", "drm", "no-purturb", "--dry-run")
     assert bad.returncode != 0 and "unknown variant(s) no-purturb" in bad.stderr
 
@@ -153,13 +164,16 @@ def test_missing_optional_dependencies_and_slurm_name_what_is_missing(tmp_path):
 
 
 def test_slurm_array_carries_the_cluster_flags(tmp_path):
-    # stand-ins for Slurm's commands: submitit checks for srun and submits with sbatch; squeue shows nothing pending
+    # stand-ins for Slurm's commands: submitit checks for srun and submits with sbatch; squeue shows nothing
+    # pending when run.py watches the new array, and then, asked for the state of each task, the first pending
+    # for its priority; the second is gone from the queue, and sacct says it was cancelled
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "sbatch").write_text("#!/bin/sh\necho Submitted batch job 4242\n")
     (bin_dir / "srun").write_text("#!/bin/sh\nexit 1\n")
-    (bin_dir / "squeue").write_text("#!/bin/sh\nexit 0\n")
-    for tool in ("sbatch", "srun", "squeue"):
+    (bin_dir / "squeue").write_text('#!/bin/sh\ncase "$*" in *%i*) echo "4242_0|PENDING|Priority";; esac\n')
+    (bin_dir / "sacct").write_text("#!/bin/sh\necho '4242_1|CANCELLED by 1000|0:0'\n")
+    for tool in ("sbatch", "srun", "squeue", "sacct"):
         (bin_dir / tool).chmod(0o755)
     result = run_script("benchmark/run.py", "--env-ids", "walker-walk", "cheetah-run", "--seeds", "1", "--variants", "drm",
                         "--launcher", "slurm", "--slurm-partition", "gpu", "--slurm-gpus-per-node", "2", "--timeout-min", "600",
@@ -172,14 +186,21 @@ def test_slurm_array_carries_the_cluster_flags(tmp_path):
                  "--signal=USR2@300"]:  # fmt: skip
         assert f"#SBATCH {line}\n" in script
     assert sorted(os.listdir(tmp_path / "out" / "submitit")).count("4242_1_submitted.pkl") == 1  # one pickled job per run
-    status = run_script("benchmark/run.py", "--status", "--output-dir", str(tmp_path / "out"))
-    assert "| walker-walk__drm__1 | pending |  | 0 | 4242 |" in status.stdout and "2 pending" in status.stdout
+    status = run_script("benchmark/run.py", "--status", "--output-dir", str(tmp_path / "out"),
+                        env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"})  # fmt: skip
+    assert "| walker-walk__drm__1 | pending |  | 0 | 4242_0 | Slurm: pending (Priority) |" in status.stdout
+    assert (
+        "| cheetah-run__drm__1 | vanished |  | 0 | 4242_1 | gone from Slurm's queue before its run started: CANCELLED by 1000 "
+        "(exit 0:0, sacct) |"
+    ) in status.stdout
+    assert status.stdout.strip().endswith("1 pending, 1 vanished")
 
 
-# A stand-in for a training script: a new run makes its run directory, writes a checkpoint and stops as
-# SIGTERM makes a script stop; a resumed one finishes
+# A stand-in for a training script: a new run makes its run directory, writes a checkpoint and its record
+# (as a script's run.json names its last checkpoint), then much output (Adroit's pen writes 300 KB between
+# checkpoints), and stops as SIGTERM makes a script stop; a resumed one finishes
 STAND_IN = """
-import os, signal, sys, time
+import json, os, signal, sys, time
 held = any(os.readlink(f"/proc/self/fd/{fd}").endswith(".lock") for fd in os.listdir("/proc/self/fd") if fd.isdigit() and
            os.path.exists(f"/proc/self/fd/{fd}"))
 print("the run holds its lock" if held else "the run does not hold its lock")
@@ -194,7 +215,12 @@ if "--crash" in sys.argv:
     print("global_step=20, episode=1, episodic_return=0.0")
     sys.exit("toy.py: losses/qf_loss is nan at global_step=20")
 open(os.path.join(run_dir, "checkpoint.pt"), "w").close()
-print(f"checkpoint: {run_dir}/checkpoint.pt at global_step=500"); sys.exit(143)
+with open(os.path.join(run_dir, "run.json"), "w") as record:
+    json.dump({"attempts": 1, "checkpoint": {"frame": 500, "replay": True}}, record)
+print(f"checkpoint: {run_dir}/checkpoint.pt at global_step=500")
+for episode in range(3000):
+    print(f"global_step={600 + episode}, episode={episode}, episodic_return=1.0, success=False, SPS=700, done=1.0%, time_left=1:00:00")
+print("SIGTERM: stopping with a checkpoint at the end of this episode"); sys.exit(143)
 """
 
 
@@ -211,6 +237,8 @@ def test_a_run_is_continued_from_its_checkpoint_in_its_run_directory_and_never_r
         return [sys.executable, str(stand_in), name, *flags]
 
     assert task.run("toy__drm__1", command("toy__drm__1"), env) == 143  # stopped with a checkpoint
+    # its checkpoint comes from its own record, although its log printed more than 256 KB since
+    assert os.path.getsize(tmp_path / "logs" / "toy__drm__1.log") > 256 * 1024
     assert grid_status(output_dir) == [("toy__drm__1", "stopped", 500, 1, "local", "checkpoint at frame 500")]
     (run_dir,) = os.listdir(tmp_path / "runs")
     assert task.run("toy__drm__1", command("toy__drm__1"), env) == 0  # continued, in the same run directory
@@ -221,7 +249,7 @@ def test_a_run_is_continued_from_its_checkpoint_in_its_run_directory_and_never_r
     assert grid_status(output_dir) == [("toy__drm__1", "finished", 1000, 2, "local", "")]
     assert task.run("toy__drm__1", command("toy__drm__1"), env) == 0 and log == (tmp_path / "logs" / "toy__drm__1.log").read_text()
 
-    # a run that failed before its first checkpoint starts over: its run directory goes
+    # a run that failed before its first checkpoint starts over: its run directory is kept aside
     assert task.run("toy__drm__2", command("toy__drm__2", "--crash"), env) == 1
     assert grid_status(output_dir)[1] == (
         "toy__drm__2",
@@ -234,13 +262,25 @@ def test_a_run_is_continued_from_its_checkpoint_in_its_run_directory_and_never_r
     (failed_dir,) = [name for name in os.listdir(tmp_path / "runs") if name.startswith("toy__drm__2__")]
     assert task.run("toy__drm__2", command("toy__drm__2"), env) == 143
     log = (tmp_path / "logs" / "toy__drm__2.log").read_text()
-    assert f"=== removing {tmp_path}/runs/{failed_dir}: it has no checkpoint to continue from" in log
-    assert len([name for name in os.listdir(tmp_path / "runs") if name.startswith("toy__drm__2__")]) == 1
-    # a run that another task is running is left alone, and shows as running
+    aside = f"{tmp_path}/failed_attempts/{failed_dir}"
+    assert f"=== moving {tmp_path}/runs/{failed_dir} to {aside}: it has no checkpoint to continue from" in log
+    assert len([name for name in os.listdir(tmp_path / "runs") if name.startswith("toy__drm__2__")]) == 1 and os.path.isdir(aside)
+
+    # a run that another process holds shows as running, and a task waits for it to end, then goes on with it:
+    # a task's lock (here held for 3 s), or the run directory's own lock refreshed by a live run (here 2 s)
     held = lock_run(output_dir, "toy__drm__3")
-    assert task.run("toy__drm__3", command("toy__drm__3"), env) is None
     assert grid_status(output_dir, ["toy__drm__3"])[0][1] == "running"
-    held.close()
+    threading.Timer(3, held.close).start()
+    started = time.monotonic()
+    assert task.run("toy__drm__3", command("toy__drm__3"), env) == 143 and time.monotonic() - started > 3
+    (run_dir,) = [path for path in (tmp_path / "runs").iterdir() if path.name.startswith("toy__drm__3__")]
+    (run_dir / "run.lock").touch()
+    assert grid_status(output_dir, ["toy__drm__3"])[0][1] == "running"
+    stale = time.time() - 118
+    os.utime(run_dir / "run.lock", (stale, stale))  # fresh for 2 s more
+    started = time.monotonic()
+    assert task.run("toy__drm__3", command("toy__drm__3"), env) == 0 and time.monotonic() - started > 2
+
     # a stop signal that kills the run before it could checkpoint stops it all the same: it continues
     assert task.run("toy__drm__5", command("toy__drm__5", "--killed"), env) == -signal.SIGTERM
     assert grid_status(output_dir, ["toy__drm__5"]) == [("toy__drm__5", "stopped", None, 1, "local", "no checkpoint")]
@@ -249,13 +289,43 @@ def test_a_run_is_continued_from_its_checkpoint_in_its_run_directory_and_never_r
         task([("toy__drm__4", command("toy__drm__4"))], output_dir, {})
 
 
-def test_local_workers_each_get_a_gpu_of_their_own():
-    from run import gpu_assignment
+def test_a_filesystem_without_flock_stops_the_runner_in_one_line_naming_it(tmp_path, monkeypatch):
+    import fcntl
 
-    assert gpu_assignment(3, ["0", "1", "2", "3"]) == ["0", "1", "2"]
-    assert gpu_assignment(4, ["3", "5"]) == ["3", "5", "3", "5"]  # more workers than GPUs: they share, in turn
-    assert gpu_assignment(2, [], None) == [None, None]  # no GPU: the shell's setting stays, unset
-    assert gpu_assignment(2, [], "") == ["", ""]  # or hiding every GPU
+    from run import lock_run
+
+    def no_flock(file, operation):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    with pytest.raises(SystemExit) as stop:
+        lock_run(str(tmp_path), "toy__drm__1")
+    message = str(stop.value)
+    assert message.startswith(f"run.py: cannot lock {tmp_path}/status/toy__drm__1.lock: the ") and "\n" not in message
+    assert "filesystem at /" in message and "does not support flock (Function not implemented); put --output-dir on" in message
+
+
+def test_local_workers_each_get_a_gpu_of_their_own_and_render_on_it():
+    from run import device_assignment, egl_devices_of_gpus
+
+    def gpus_of(assignment):
+        return [(worker["CUDA_VISIBLE_DEVICES"], worker["MUJOCO_EGL_DEVICE_ID"]) for worker in assignment]
+
+    # EGL lists the GPUs in another order than CUDA (and a software device after them)
+    egl = {"0": 1, "1": 0, "2": 3, "3": 2}
+    assert gpus_of(device_assignment(3, ["0", "1", "2", "3"], egl)) == [("0", "1"), ("1", "0"), ("2", "3")]
+    # more workers than GPUs: they share, in turn, each rendering where it trains
+    assert gpus_of(device_assignment(4, ["3", "1"], egl)) == [("3", "2"), ("1", "0"), ("3", "2"), ("1", "0")]
+    assert {worker["CUDA_DEVICE_ORDER"] for worker in device_assignment(2, ["0", "1"], egl)} == {"PCI_BUS_ID"}  # nvidia-smi's
+    # a GPU without a known EGL device keeps the shell's choice (unset: MuJoCo takes the first EGL device)
+    assert gpus_of(device_assignment(2, ["0", "7"], egl, {"MUJOCO_EGL_DEVICE_ID": "5"})) == [("0", "1"), ("7", "5")]
+    assert gpus_of(device_assignment(1, ["7"], egl)) == [("7", None)]
+    # no GPU: the shell's setting stays, unset or hiding every GPU
+    assert device_assignment(2, [], egl) == [{"CUDA_VISIBLE_DEVICES": None}] * 2
+    assert device_assignment(2, [], egl, {"CUDA_VISIBLE_DEVICES": ""}) == [{"CUDA_VISIBLE_DEVICES": ""}] * 2
+    # every GPU nvidia-smi lists has its EGL device (none where there is no NVIDIA driver, as on a CPU machine)
+    listed = subprocess.run("nvidia-smi --query-gpu=index --format=csv,noheader", shell=True, capture_output=True, text=True)
+    assert set(egl_devices_of_gpus()) == set(listed.stdout.split() if listed.returncode == 0 else [])
 
 
 def test_two_tiny_jobs_run_through_submitit_locally_end_to_end_each_on_its_own_gpu(tmp_path):
@@ -268,9 +338,10 @@ def test_two_tiny_jobs_run_through_submitit_locally_end_to_end_each_on_its_own_g
     assert result.returncode == 0, result.stderr[-3000:] + result.stdout
     assert "2 of 2 runs finished" in result.stdout
     devices = {
-        (tmp_path / "logs" / name).read_text().split("CUDA_VISIBLE_DEVICES=")[1].split()[0] for name in os.listdir(tmp_path / "logs")
+        (tmp_path / "logs" / name).read_text().split("CUDA_VISIBLE_DEVICES=")[1].split(",")[0] for name in os.listdir(tmp_path / "logs")
     }
     assert devices == {"3", "5"}  # one each
+    assert "MUJOCO_EGL_DEVICE_ID=(unset)" in (tmp_path / "logs" / "cartpole-balance__drm__1.log").read_text()  # no NVIDIA EGL here
     # the job array went through submitit: one array task per worker, each with its pickled result
     assert len([name for name in os.listdir(tmp_path / "submitit") if name.endswith("_result.pkl")]) == 2
     assert sorted(os.listdir(tmp_path / "logs")) == ["cartpole-balance__drm__1.log", "cartpole-balance__drqv2__1.log"]
@@ -324,10 +395,10 @@ def test_reproduction_script_dry_run_lists_the_published_grid():
     assert variants["drm_adroit.py"] == set(__import__("run").VARIANTS)  # and the paper's ablations
     assert {seed for *_, seed in grid} == {"1", "2", "3", "4"}
     dog_run = next(c for c in commands if "dog-run" in c and "drqv2" in c)
-    assert dog_run[-7:] == ["--no-perturb", "--exploration", "linear", "--no-exploit", "--checkpoint-every-frames", "1000000",
-                            "--checkpoint-replay"]  # fmt: skip
+    assert dog_run[-9:] == ["--no-perturb", "--exploration", "linear", "--no-exploit", "--checkpoint-every-frames", "1000000",
+                            "--checkpoint-replay", "--eval-workers", "8"]  # fmt: skip
     walker_run = next(c for c in commands if "walker-run" in c)
-    assert walker_run[-3:] == ["--checkpoint-every-frames", "500000", "--checkpoint-replay"]
+    assert walker_run[-5:] == ["--checkpoint-every-frames", "500000", "--checkpoint-replay", "--eval-workers", "8"]
     report_lines = [line for line in result.stdout.splitlines() if line.startswith("python benchmark/report.py")]
     assert len(report_lines) == 4 and all("--baseline-curves" in line for line in report_lines if "dmc-" in line)
 
@@ -343,3 +414,35 @@ def test_every_variant_is_a_valid_command_line(variant):
     args = tyro.cli(drm.Args, args=flags)
     assert args.perturb == ("--no-perturb" not in flags) and args.exploit == ("--no-exploit" not in flags)
     assert args.exploration == ("linear" if "linear" in flags else "awake")
+
+
+def test_a_local_time_limit_while_the_run_still_writes_its_checkpoint_is_waited_for_and_the_run_finished(tmp_path):
+    # The reference run of tests/conftest.py, two episodes long, through run.py on this machine with a 2-minute
+    # limit: the task gets SIGUSR2 60 s before it, and the run, signalled in turn, takes 48 s to write its
+    # checkpoint (a stand-in slows its fsyncs, as a 21 GB replay's write is slow), longer than the 45 s its task
+    # waits. The task is started again while the run still holds the run, waits for it to end, and continues it.
+    _, run_flags, _ = REFERENCE_RUNS["drm.py"]
+    same_run = [*run_flags, *SMALL, "--eval-workers", "1", "--checkpoint-every-frames", "1000", "--total-frames", "2000"]
+    threads = str(os.cpu_count())  # run.py's one worker has all the cores: the float rounding depends on it
+    uninterrupted = start("drm.py", "--env-id", "cartpole-balance", "--seed", "1", "--exp-name", "drm", *same_run, cwd=tmp_path,
+                          env={**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads})  # fmt: skip
+    slow_stop = {"PYTHONPATH": os.path.join(STAND_INS, "slow_stop"), "DRM_TEST_SLOW_STOP": str(tmp_path / "slow-stop-claimed")}
+    grid = tmp_path / "grid"
+    result = run_script("benchmark/run.py", "--env-ids", "cartpole-balance", "--seeds", "1", "--variants", "drm", "--timeout-min", "2",
+                        f"--extra-flags={' '.join(same_run)}", "--output-dir", str(grid), env={**os.environ, **slow_stop})  # fmt: skip
+    assert result.returncode == 0 and "1 of 1 runs finished" in result.stdout, result.stderr[-3000:] + result.stdout
+    assert uninterrupted.wait(timeout=300) == 0, uninterrupted.stderr.read()[-3000:]
+
+    log = (grid / "logs" / "cartpole-balance__drm__1.log").read_text()
+    assert "SIGUSR2: stopping with a checkpoint at the end of this episode" in log
+    stopped_at = int(log.split("checkpoint: ")[1].split("global_step=")[1].split()[0])
+    assert f"resumed at global_step={stopped_at} (with the replay buffer)" in log
+    tasks = "".join(path.read_text() for path in (grid / "submitit").glob("*_0_log.out"))
+    assert "cartpole-balance__drm__1: no checkpoint within 45 s; requeued, to continue the run once it ends" in tasks
+    assert "cartpole-balance__drm__1: another process holds the run; waiting for it to end" in tasks
+    status = run_script("benchmark/run.py", "--status", "--output-dir", str(grid)).stdout
+    assert re.search(r"\| cartpole-balance__drm__1 \| finished \| 2,000 \| [2-6] \|", status), status
+    # the run that went through the time limit logged what the uninterrupted one logged
+    ours, theirs = scalars(only_run_dir(grid)), scalars(only_run_dir(tmp_path))
+    for tag in ["charts/episodic_return", "eval/episodic_return", "losses/qf_loss", "losses/actor_loss", "charts/dormant_ratio"]:
+        assert without_repeats(ours[tag]) == theirs[tag], tag

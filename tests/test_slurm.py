@@ -143,5 +143,10 @@ def test_requests_the_cluster_cannot_meet_stop_with_one_line_naming_the_flag(slu
     # what Slurm accepts and leaves pending for ever
     too_many_cpus = runner("--slurm-cpus-per-task", "64")
     assert "(PartitionConfig) and will not start: --slurm-cpus-per-task 64 is more than the partition's nodes have" in too_many_cpus
+    # --status asks Slurm about a run whose task has not started: pending, and why
+    pending = status_of(slurm, tmp_path)
+    assert (
+        "| cartpole-balance__drm__1 | pending |  | 0 | " in pending and "Slurm: pending (PartitionConfig): --slurm-cpus-per-task" in pending
+    )
     assert "(PartitionTimeLimit) and will not start: --timeout-min is above the partition's time limit" in runner("--timeout-min", "120")
     subprocess.run(["scancel", "--user", "root", "--state", "PENDING"], env=slurm)
