@@ -910,7 +910,7 @@ def main():
         model_path = f"{run_dir}/{args.exp_name}.cleanrl_model"
         torch.save({name: network.state_dict() for name, network in networks._asdict().items()} | {"args": vars(args)}, model_path)
         print(f"model saved to {model_path}")
-    checkpoints.finish()  # what the run directory keeps of the last checkpoint
+    checkpoints.finish(total_steps * args.action_repeat)  # the run's record, and what it keeps of the last checkpoint
 
     close_evaluation()
     env.close()
@@ -1055,7 +1055,6 @@ def evaluate_saved_model(args):
 # non-finite-loss stop. Nothing here changes what the agent learns; a reader may skip this section.
 # ======================================================================================================
 CHECKPOINT_NAME = "checkpoint.pt"
-CHECKPOINT_FORMAT = 2  # from format 2 on, the replay is a file of its own beside checkpoint.pt
 CHECKPOINT_KEYS = {"args", "next_step", "episode_count", "drm_state", "networks", "optimizers", "rng", "env", "replay"}
 REPLAY_FIELDS = ("frames", "actions", "rewards", "discounts", "episode_steps", "valid")
 CHUNK_BYTES = 64 * 1024**2  # the replay is written and read in pieces of this size: no copy of it is ever made
@@ -1089,9 +1088,11 @@ def process_start(pid):
         return None
 
 
-def boot_id():
+def pid_space():
+    """Where this process's pids mean the same as another's: this boot of the kernel, and this pid namespace
+    (containers on one host share its name but not their pids). None where /proc cannot tell."""
     with contextlib.suppress(OSError), open("/proc/sys/kernel/random/boot_id") as boot:
-        return boot.read().strip()
+        return f"{boot.read().strip()}/{os.readlink('/proc/self/ns/pid')}"
 
 
 class RunLock:
@@ -1104,7 +1105,7 @@ class RunLock:
 
     def __init__(self, run_dir):
         self.run_dir, self.path = run_dir, os.path.join(run_dir, LOCK_NAME)
-        self.holder = {"host": socket.gethostname(), "pid": os.getpid(), "started": process_start(os.getpid()), "boot": boot_id()}
+        self.holder = {"host": socket.gethostname(), "pid": os.getpid(), "started": process_start(os.getpid()), "pids": pid_space()}
         try:
             os.makedirs(run_dir, exist_ok=True)
             self._take()
@@ -1117,42 +1118,64 @@ class RunLock:
     def _take(self):
         for _ in range(3):
             try:
-                descriptor = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                return self._create()
             except FileExistsError:
                 holder, age = self.read()
+                who = f"pid {holder.get('pid')} on {holder.get('host')}" if holder else "a process whose lock cannot be read"
                 if not self._gone(holder, age):
                     fail(
-                        f"{os.path.abspath(self.run_dir)} is in use by pid {holder.get('pid')} on {holder.get('host')} (its lock "
-                        f"refreshed {age:.0f} s ago): one process per run directory; its lock is taken over once that process "
-                        f"has ended, or, from another host, after {STALE_LOCK_S} s unrefreshed"
+                        f"{os.path.abspath(self.run_dir)} is in use by {who} (its lock refreshed {age:.0f} s ago): one process per "
+                        f"run directory; its lock is taken over once that process has ended, or, from another host, after "
+                        f"{STALE_LOCK_S} s unrefreshed"
                     )
                 why = "that process has ended" if holder.get("host") == self.holder["host"] else f"it was not refreshed for {age:.0f} s"
-                print(f"taking over the lock of pid {holder.get('pid')} on {holder.get('host')}: {why}", flush=True)
+                print(f"taking over the lock of {who}: {why}", flush=True)
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(self.path)
-                continue
-            with os.fdopen(descriptor, "w") as file:
-                json.dump(self.holder, file)
-            return
         fail(f"cannot take the lock of {os.path.abspath(self.run_dir)}: other processes keep taking it")
 
+    def _create(self):
+        """Make the lock, naming this process; FileExistsError if there is one."""
+        descriptor = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        try:
+            with os.fdopen(descriptor, "w") as file:
+                json.dump(self.holder, file)
+        except OSError:  # a full disk: no empty lock is left behind to be taken for another's
+            os.remove(self.path)
+            raise
+
     def read(self):
-        """(the holder the lock names, {} if it cannot be read; seconds since it was refreshed)"""
+        """(the holder the lock names, {} if it cannot be read (being written, or left empty by a crash);
+        seconds since it was refreshed, 0 if it is gone)"""
         try:
             age = time.time() - os.stat(self.path).st_mtime
+        except OSError:
+            return {}, 0.0
+        try:
             with open(self.path) as file:
                 return json.load(file), age
         except (OSError, ValueError):
-            return {}, 0.0
+            return {}, age
 
     def _gone(self, holder, age):
-        if holder.get("host") == self.holder["host"] and holder.get("boot") == self.holder["boot"]:
+        if holder.get("host") == self.holder["host"] and holder.get("pids") == self.holder["pids"]:
             return process_start(holder.get("pid")) != holder.get("started")
-        return age > STALE_LOCK_S
+        return age > STALE_LOCK_S  # another host's, or one that cannot be read
 
     def held(self):
-        """Whether this process still holds the lock (another one may have taken over a lock it took for stale)."""
-        return self.read()[0] == self.holder
+        """Whether this process still holds the lock: False once the lock names another holder (one that took
+        over a lock it took for stale). A lock that cannot be read is asked again; one deleted meanwhile is
+        made again."""
+        for _ in range(3):
+            holder = self.read()[0]
+            if holder:
+                return holder == self.holder
+            if not os.path.exists(self.path):
+                with contextlib.suppress(OSError):
+                    self._create()
+                continue
+            time.sleep(1)
+        return True
 
     def _refresh(self):
         while not self.released.wait(HEARTBEAT_S):
@@ -1214,12 +1237,10 @@ def load_checkpoint(path):
     except Exception as error:
         reason = f"{type(error).__name__}: {str(error).split('. ')[0]}"
         fail(f"--resume: {path} is truncated or corrupt ({reason}); resume from another copy or start a new run")
-    if not isinstance(checkpoint, dict) or "args" not in checkpoint:
+    if not isinstance(checkpoint, dict) or not CHECKPOINT_KEYS <= set(checkpoint):
         fail(f"--resume: {path} is not a {os.path.basename(__file__)} checkpoint")
-    if checkpoint.get("format") != CHECKPOINT_FORMAT or not CHECKPOINT_KEYS <= set(checkpoint):
-        fail(f"--resume: {path} was written by an earlier {os.path.basename(__file__)} (the replay inside it); resume it with that version")
     replay = checkpoint["replay"]
-    if replay is not None:
+    if replay is not None and "file" in replay:  # checkpoints written before the replay had a file of its own hold it
         replay["path"] = os.path.join(os.path.dirname(path), replay["file"])
         size = os.path.getsize(replay["path"]) if os.path.isfile(replay["path"]) else None
         if size != replay["nbytes"]:
@@ -1246,7 +1267,6 @@ def run_state(args, next_step, episode_count, networks, optimizers, beta, awaken
             "nbytes": nbytes,
         }
     return {
-        "format": CHECKPOINT_FORMAT,
         "args": vars(args),
         "next_step": next_step,
         "episode_count": episode_count,
@@ -1260,8 +1280,9 @@ def run_state(args, next_step, episode_count, networks, optimizers, beta, awaken
 
 
 def restore_run_state(checkpoint, networks, optimizers, beta, awaken_step, env, rb, device):
-    """Load a `run_state` checkpoint into the run, and its replay file into the buffer, piece by piece;
-    returns (the agent step to go on from, episodes so far)."""
+    """Load a `run_state` checkpoint into the run, and its replay file into the buffer, piece by piece (a
+    checkpoint of an earlier version holds the replay itself); returns (the agent step to go on from,
+    episodes so far)."""
     for name, network in networks._asdict().items():
         network.load_state_dict(checkpoint["networks"][name])
     for name, optimizer in optimizers.items():
@@ -1276,12 +1297,15 @@ def restore_run_state(checkpoint, networks, optimizers, beta, awaken_step, env, 
         torch.cuda.set_rng_state(rng["cuda"], device)
     env.set_rng_state(checkpoint["env"])
     replay = checkpoint["replay"]
-    if replay is not None:
+    if replay is not None and "file" not in replay:
+        for field in REPLAY_FIELDS:
+            getattr(rb, field)[: replay["size"]] = replay[field]
+    elif replay is not None:
         try:
             with open(replay["path"], "rb") as file:
                 for field in REPLAY_FIELDS:
                     read_rows(file, getattr(rb, field), replay["size"])
-        except OSError as error:
+        except (OSError, EOFError) as error:
             fail(f"--resume: cannot read the replay file {replay['path']} ({error})")
         rb.pos, rb.size, rb.episode_step, rb.ready = replay["pos"], replay["size"], replay["episode_step"], replay["ready"]
     frame = checkpoint["next_step"] * checkpoint["args"]["action_repeat"]
@@ -1295,13 +1319,10 @@ def seeding_after_resume(args, start_step):
     perturbation due meanwhile comes at its first update. Returns (the agent step up to which it seeds,
     whether a perturbation is owed)."""
     seed_until_step = start_step + args.num_seed_frames // args.action_repeat
-    due = [
-        step
-        for step in range(start_step, seed_until_step)
-        if step % args.perturb_interval_steps == 0 and step % args.update_every_steps == 0
-    ]
+    steps = range(start_step, seed_until_step)
+    due = any(step % args.perturb_interval_steps == 0 and step % args.update_every_steps == 0 for step in steps)
     print(f"seeding the empty replay again: {args.num_seed_frames:,} frames of random actions before the first update", flush=True)
-    return seed_until_step, args.perturb and bool(due)
+    return seed_until_step, args.perturb and due
 
 
 def replay_pieces(tensor, rows):
@@ -1343,13 +1364,13 @@ def remove_leftovers(run_dir, keep=None):
     return removed
 
 
-def save_checkpoint(state, run_dir, rb=None):
+def save_checkpoint(state, run_dir, rb=None, replaced=None):
     """Write `state` as `checkpoint.pt` into `run_dir`, and with `rb` the filled part of its replay into a file
     of its own that `state` names, such that a crash at any moment leaves one complete checkpoint: the
     replay goes into a new file straight from the buffer, then the rest into a temporary file that is
-    renamed over `checkpoint.pt`, each flushed to disk first; the replaced checkpoint's replay file goes
-    last. Every file is written exclusively under a name of this writer's. A write that fails removes what
-    it wrote and raises: the previous checkpoint stays as it was."""
+    renamed over `checkpoint.pt`, each flushed to disk first; the replaced checkpoint's replay file
+    (`replaced`) goes last. Every file is written exclusively under a name of this writer's. A write that
+    fails removes what it wrote and raises: the previous checkpoint stays as it was."""
     written = []
     try:
         if rb is not None:
@@ -1373,9 +1394,13 @@ def save_checkpoint(state, run_dir, rb=None):
         raise
     with contextlib.suppress(OSError):  # the rename reaches the disk before the replaced replay file goes
         directory = os.open(run_dir, os.O_RDONLY)
-        os.fsync(directory)
-        os.close(directory)
-    remove_leftovers(run_dir, keep=state["replay"]["file"] if rb is not None else None)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+    if replaced is not None and replaced != (state["replay"] or {}).get("file"):
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(run_dir, replaced))
 
 
 def write_failure(error):
@@ -1404,17 +1429,21 @@ class Checkpoints:
         self.resume_command = f"{sys.executable} {os.path.abspath(__file__)} --resume {os.path.abspath(run_dir)}"
         resumed_frame = checkpoint["next_step"] * args.action_repeat if checkpoint else 0
         self.last_frame = resumed_frame or None  # the global step of the last complete checkpoint
+        self.replay_file = ((checkpoint or {}).get("replay") or {}).get("file")  # the last complete checkpoint's
         self.next_frame = self._next_after(resumed_frame)
         self.stop_signal = None
-        removed = remove_leftovers(run_dir, keep=checkpoint["replay"]["file"] if checkpoint and checkpoint["replay"] else None)
+        removed = remove_leftovers(run_dir, keep=self.replay_file)
         if removed:
             print(f"removed what an interrupted checkpoint write left: {', '.join(removed)}")
-        update_run_record(run_dir, attempts=read_run_record(run_dir).get("attempts", 0) + 1)
+        update_run_record(run_dir, attempts=read_run_record(run_dir).get("attempts", 0) + 1, finished=None)  # a longer run goes on
         for signum in STOP_SIGNALS:
             signal.signal(signum, self._request_stop)
 
     def _next_after(self, frame):
-        return (frame // self.every_frames + 1) * self.every_frames if self.every_frames else None
+        """The frame of the next periodic checkpoint: every --checkpoint-every-frames, and the run's last."""
+        if not self.every_frames:
+            return None
+        return min((frame // self.every_frames + 1) * self.every_frames, max(self.args.total_frames, frame + 1))
 
     def _request_stop(self, signum, _frame):
         name = signal.Signals(signum).name
@@ -1466,15 +1495,15 @@ class Checkpoints:
         run to stop, close the writer and exit."""
         frame = state["next_step"] * state["args"]["action_repeat"]
         try:
-            save_checkpoint(state, self.run_dir, rb if state["replay"] is not None else None)
+            save_checkpoint(state, self.run_dir, rb if state["replay"] is not None else None, replaced=self.replay_file)
         except (OSError, RuntimeError) as error:
             kept = f"the one at global_step={self.last_frame} stays" if self.last_frame else "there is no complete one"
             then = "stopping all the same" if self.stop_signal is not None else "trying again at the next interval"
             print(f"checkpoint at global_step={frame} not written ({write_failure(error)}): {kept}; {then}", flush=True)
             update_run_record(self.run_dir, checkpoint_error=f"global_step={frame}: {write_failure(error)}")
         else:
-            self.last_frame = frame
-            update_run_record(self.run_dir, checkpoint={"frame": frame, "replay": rb is not None}, checkpoint_error=None)
+            self.last_frame, self.replay_file = frame, (state["replay"] or {}).get("file")
+            update_run_record(self.run_dir, checkpoint={"frame": frame, "replay": self.replay_file is not None}, checkpoint_error=None)
             print(f"checkpoint: {self.path} at global_step={frame}", flush=True)
         self.next_frame = self._next_after(frame)
         if self.stop_signal is not None:
@@ -1482,18 +1511,18 @@ class Checkpoints:
             print(f"stopped; continue with: {self.resume_command}" if self.last_frame else "stopped, without a checkpoint", flush=True)
             sys.exit(128 + self.stop_signal)
 
-    def finish(self):
-        """At the end of the run, unless --keep-replay-at-end: the last checkpoint is written again without its
-        replay, whose file goes (a suite of runs would otherwise keep a full replay per run)."""
-        if self.args.keep_replay_at_end or self.last_frame is None:
+    def finish(self, frame):
+        """At the end of the run (`frame`): its record says it finished, and unless --keep-replay-at-end the last
+        checkpoint is written again without its replay, whose file goes (a suite of runs would otherwise keep
+        a full replay per run)."""
+        update_run_record(self.run_dir, finished=frame)
+        if self.args.keep_replay_at_end or self.replay_file is None:
             return
-        checkpoint = torch.load(self.path, map_location="cpu", weights_only=False)
-        if checkpoint["replay"] is None:
-            return
-        checkpoint["replay"] = None
         try:
-            save_checkpoint(checkpoint, self.run_dir)
-        except (OSError, RuntimeError) as error:
+            checkpoint = torch.load(self.path, map_location="cpu", weights_only=False)
+            checkpoint["replay"] = None
+            save_checkpoint(checkpoint, self.run_dir, replaced=self.replay_file)
+        except (OSError, RuntimeError, EOFError) as error:
             print(f"the last checkpoint keeps its replay: it could not be written again without it ({write_failure(error)})")
             return
         update_run_record(self.run_dir, checkpoint={"frame": self.last_frame, "replay": False})
@@ -1553,11 +1582,11 @@ def cgroup_memory_limits(cgroup_root="/sys/fs/cgroup", own_cgroups="/proc/self/c
         limit_name, usage_name, cache_name = CGROUP_MEMORY_FILES[version]
         directory = os.path.normpath(os.path.join(mount, path.lstrip("/")))
         while directory.startswith(mount):
-            with contextlib.suppress(OSError, ValueError, StopIteration):  # no such file, or "max": no limit there
+            with contextlib.suppress(OSError, ValueError):  # no such file, or "max": no limit there
                 with open(os.path.join(directory, limit_name)) as limit, open(os.path.join(directory, usage_name)) as usage:
                     limit, usage = int(limit.read()), int(usage.read())
                 with open(os.path.join(directory, "memory.stat")) as stat:
-                    cache = next(int(line.split()[1]) for line in stat if line.split()[0] == cache_name)
+                    cache = next((int(line.split()[1]) for line in stat if line.split()[0] == cache_name), 0)
                 if limit < 2**60:  # v1 writes a huge number where there is no limit
                     limits.append((directory, limit, usage - cache))
             directory = os.path.dirname(directory)
@@ -1583,8 +1612,9 @@ def place_replay(new_replay, nbytes, device, args, checkpoint):
     goes on no longer bit-identical. Stops before training where the host cannot hold what the run will
     commit: the replay when full (in host memory), the evaluation workers and a checkpoint write's piece,
     with REPLAY_HEADROOM, against what this job may still use (`host_memory_room`)."""
-    saved_on = checkpoint["replay"]["device"] if checkpoint and checkpoint["replay"] else None
-    places = sorted(["cuda", "cpu"] if device.type == "cuda" else ["cpu"], key=lambda place: place != saved_on)
+    saved_on = ((checkpoint or {}).get("replay") or {}).get("device")
+    wanted = "cuda" if args.cudagraphs else saved_on
+    places = sorted(["cuda", "cpu"] if device.type == "cuda" else ["cpu"], key=lambda place: place != wanted)
     workers = evaluation_worker_count(args)
     beside = workers * WORKER_BYTES + CHUNK_BYTES + REPLAY_HEADROOM  # what the host holds beside a replay
     room, bound = host_memory_room()
@@ -1596,6 +1626,7 @@ def place_replay(new_replay, nbytes, device, args, checkpoint):
                 rb = new_replay(device)
             except torch.OutOfMemoryError:  # another process took the GPU memory since it was measured
                 gpu_room = False
+                torch.cuda.empty_cache()  # what the failed allocation left cached goes back to the GPU
         elif place == "cpu" and room > nbytes + beside:
             rb = new_replay(torch.device("cpu"))
         if rb is not None:

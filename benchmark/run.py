@@ -125,7 +125,8 @@ class Args:
     """seconds before the time limit at which a run gets SIGUSR2, checkpoints at its episode end and is
     requeued: enough for an evaluation, an episode and a checkpoint write"""
     slurm_max_timeouts: int = 30
-    """time limits a run may reach and be requeued (pre-emptions do not count), on Slurm and on this machine"""
+    """time limits a run may reach and be requeued (pre-emptions do not count); on this machine submitit starts a
+    task at most 6 times"""
     slurm_options: list[str] = field(default_factory=list)
     """more sbatch options as `key=value`, e.g. `account=my-lab qos=high constraint=a100`"""
 
@@ -154,7 +155,7 @@ def threads_per_run(args, runs):
     `runs` in the grid (at most --workers at a time)."""
     if args.launcher == "slurm":
         return args.slurm_cpus_per_task
-    return max(1, (os.cpu_count() or 1) // max(1, min(args.workers, runs)))
+    return max(1, len(os.sched_getaffinity(0)) // max(1, min(args.workers, runs)))
 
 
 def expand(args):
@@ -232,8 +233,9 @@ def filesystem_of(path):
 
 
 def run_record(path):
-    """The record a run keeps in its run directory (`run.json`, which drm.py writes): its attempts, its last
-    complete checkpoint ({"frame", "replay"}) and its last failed checkpoint write; {} where there is none."""
+    """The record a run keeps in its run directory (`run.json`, which the scripts write): its attempts, its last
+    complete checkpoint ({"frame", "replay"}), its last failed checkpoint write, and the frame it finished at;
+    {} where there is none."""
     try:
         with open(os.path.join(path, "run.json")) as file:
             return json.load(file)
@@ -299,12 +301,12 @@ class GridTask:
         """Run one run to its end, or continue it from its checkpoint; its exit status."""
         output_dir = self.output_dir
         lock = self.wait_for_run(name)
-        status = read_status(output_dir, name)
-        if status.get("state") == "finished":
+        status, existing = read_status(output_dir, name), run_dirs(output_dir, name)
+        if status.get("state") == "finished" or (existing and run_record(existing[-1]).get("finished")):
             print(f"{name}: finished before; not run again", flush=True)
+            write_status(output_dir, name, state="finished")  # a run that ended after its task had gone says so itself
             lock.close()
             return 0
-        existing = run_dirs(output_dir, name)
         resumable = [path for path in existing if os.path.exists(os.path.join(path, "checkpoint.pt"))]
         os.makedirs(os.path.join(output_dir, "logs"), exist_ok=True)
         with open(os.path.join(output_dir, "logs", f"{name}.log"), "a") as log:
@@ -518,6 +520,8 @@ def grid_status(output_dir, names=None):
         lock = lock_run(output_dir, name)
         if lock is None or (directories and run_held_elsewhere(directories[-1])):  # a live process holds it, whatever the file says
             state = "running"
+        elif record.get("finished"):  # it ended after its task had gone
+            state = "finished"
         elif state == "running":  # no exit was recorded: the task was killed outright
             state = "stopped" if checkpoint_frame else "failed"
             notes.append("killed (no exit recorded)")
@@ -550,8 +554,10 @@ def scheduler_states(jobs):
     arrays = sorted({job.split("_")[0] for job in jobs if not job.startswith("local:")})
     if not arrays or not shutil.which("squeue"):
         return states
-    listing = subprocess.run(["squeue", "-h", "-r", "-j", ",".join(arrays), "-o", "%i|%T|%r"], capture_output=True, text=True).stdout
-    in_queue = {line.split("|")[0]: line.split("|")[1:] for line in listing.splitlines() if line.count("|") == 2}
+    listing = subprocess.run(["squeue", "-h", "-r", "-j", ",".join(arrays), "-o", "%i|%T|%r"], capture_output=True, text=True)
+    if listing.returncode != 0 and "Invalid job id" not in listing.stderr:  # slurmctld busy or down: nothing is known
+        return states | {job: ("pending", f"squeue failed: {listing.stderr.strip()[:100]}") for job in jobs if job not in states}
+    in_queue = {line.split("|")[0]: line.split("|")[1:] for line in listing.stdout.splitlines() if line.count("|") == 2}
     accounting = subprocess.run(["sacct", "-n", "-X", "-P", "-j", ",".join(arrays), "-o", "JobID,State,ExitCode"], capture_output=True,
                                 text=True) if shutil.which("sacct") else None  # fmt: skip
     ended = {}
@@ -564,6 +570,8 @@ def scheduler_states(jobs):
             slurm_state, reason = in_queue[job]
             cause = f": {NEVER_STARTS[reason]}" if reason in NEVER_STARTS else ""
             states[job] = "pending", f"Slurm: {slurm_state.lower()} ({reason}){cause}"
+        elif job in ended and ended[job][0].split()[0] in ("PENDING", "RUNNING", "REQUEUED", "SUSPENDED", "RESIZING"):
+            states[job] = "pending", f"Slurm: {ended[job][0].lower()} (sacct)"
         elif job in ended:
             slurm_state, exit_code = ended[job]
             states[job] = "vanished", f"gone from Slurm's queue before its run started: {slurm_state} (exit {exit_code}, sacct)"
@@ -708,8 +716,12 @@ def main(args):
     submitted = submit(executor, task, groups, output_dir, env_changes)
     for job, group in zip(submitted, groups, strict=True):  # what --status asks the scheduler about
         for name, _ in group:
+            lock = lock_run(output_dir, name)
+            if lock is None:  # its task has started it, and keeps its status
+                continue
             if read_status(output_dir, name).get("state") == "pending":
                 write_status(output_dir, name, job=job.job_id if args.launcher == "slurm" else f"local:{job.job_id}")
+            lock.close()
     if args.launcher == "slurm":
         array_id = submitted[0].job_id.split("_")[0]
         report_pending(args, array_id)

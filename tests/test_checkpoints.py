@@ -266,27 +266,23 @@ def test_a_checkpoint_write_and_load_never_copy_the_replay(tmp_path, device):
     state, networks, optimizers = checkpoint_of(drm, rb, device)
     filled = state["replay"]["nbytes"] / 1024**2
     assert filled > 400
-    if device == "cuda":
+    on_gpu = device == "cuda"
+    if on_gpu:
         torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        drm.save_checkpoint(state, str(tmp_path), rb)
-        assert torch.cuda.max_memory_allocated() == before  # the replay passes through one host piece
-    else:
-        assert resident_peak_growth_mb(lambda: drm.save_checkpoint(state, str(tmp_path), rb)) < 100
+        allocated = torch.cuda.memory_allocated()
+    # one 64 MB piece at a time, from the buffer itself or through one host piece
+    assert resident_peak_growth_mb(lambda: drm.save_checkpoint(state, str(tmp_path), rb)) < 100
+    assert not on_gpu or torch.cuda.max_memory_allocated() == allocated
     assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt", f"replay-3-{socket.gethostname()}-{os.getpid()}.bin"]
 
     restored = drm.ReplayBuffer(40_000, (3, 84, 84), 6, 3, 3, 0.99, device)  # not yet committed: torch.empty
-
-    def load():
-        restore(drm, str(tmp_path / "checkpoint.pt"), networks, optimizers, restored)
-
-    if device == "cuda":
+    if on_gpu:
         torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        load()
-        assert torch.cuda.max_memory_allocated() == before
-    else:  # the buffer's own pages, as they are filled, and no more
-        assert resident_peak_growth_mb(load) < filled + 100
+        allocated = torch.cuda.memory_allocated()
+    # in host memory the buffer's own pages, as the load fills them, and no more
+    growth = resident_peak_growth_mb(lambda: restore(drm, str(tmp_path / "checkpoint.pt"), networks, optimizers, restored))
+    assert growth < (0 if on_gpu else filled) + 100
+    assert not on_gpu or torch.cuda.max_memory_allocated() == allocated
     for field in drm.REPLAY_FIELDS:
         assert torch.equal(getattr(restored, field)[:20_000], getattr(rb, field)[:20_000]), field
     assert (restored.pos, restored.size, restored.episode_step, restored.ready) == (20_000, 20_000, 7, True)
@@ -301,6 +297,14 @@ def test_every_replay_field_comes_back_from_a_checkpoint_and_a_cut_replay_file_s
     restore(script, str(tmp_path / "checkpoint.pt"), networks, optimizers, restored)
     for field in script.REPLAY_FIELDS:
         assert torch.equal(getattr(restored, field), getattr(rb, field)), field
+    # a checkpoint as the scripts wrote them before the replay had a file of its own, the replay inside it, resumes too
+    earlier = {"pos": rb.pos, "size": rb.size, "episode_step": rb.episode_step, "ready": rb.ready}
+    earlier |= {field: getattr(rb, field).clone() for field in script.REPLAY_FIELDS}
+    torch.save(state | {"replay": earlier}, tmp_path / "earlier.pt")
+    restored = filled_replay(script, 50, 1)
+    restore(script, str(tmp_path / "earlier.pt"), networks, optimizers, restored)
+    assert all(torch.equal(getattr(restored, field), getattr(rb, field)) for field in script.REPLAY_FIELDS)
+
     (replay_file,) = tmp_path.glob("replay-*.bin")
     with open(replay_file, "r+b") as file:
         file.truncate(1000)
@@ -405,7 +409,7 @@ def test_one_process_per_run_directory_and_a_lock_whose_holder_is_gone_is_taken_
     run_dir.mkdir()
 
     def held_by(**holder):
-        lock_file.write_text(json.dumps({"host": host, "boot": drm.boot_id(), **holder}))
+        lock_file.write_text(json.dumps({"host": host, "pids": drm.pid_space(), **holder}))
 
     def refused():
         with pytest.raises(SystemExit) as stop:
@@ -426,14 +430,24 @@ def test_one_process_per_run_directory_and_a_lock_whose_holder_is_gone_is_taken_
     drm.RunLock(str(run_dir)).release()
 
     # another host's lock: in use while it is refreshed, taken over once left unrefreshed
-    lock_file.write_text(json.dumps({"host": "node-17", "pid": 4242, "started": 1, "boot": "another"}))
+    lock_file.write_text(json.dumps({"host": "node-17", "pid": 4242, "started": 1, "pids": "another"}))
     assert "is in use by pid 4242 on node-17" in refused()
     stale = time.time() - drm.STALE_LOCK_S - 5
     os.utime(lock_file, (stale, stale))
     lock = drm.RunLock(str(run_dir))
     assert lock.held() and "taking over the lock of pid 4242 on node-17: it was not refreshed for 125 s" in capsys.readouterr().out
     # a process whose lock was taken over knows it (the loop then stops before it writes again), and leaves the lock be
-    lock_file.write_text(json.dumps({"host": "node-17", "pid": 4242, "started": 1, "boot": "another"}))
+    lock_file.write_text(json.dumps({"host": "node-17", "pid": 4242, "started": 1, "pids": "another"}))
     assert not lock.held()
     lock.release()
     assert lock_file.exists()
+    # a lock left empty (its process killed as it wrote it) is taken over once it is stale, as another host's
+    lock_file.write_text("")
+    assert "is in use by a process whose lock cannot be read" in refused()
+    os.utime(lock_file, (stale, stale))
+    lock = drm.RunLock(str(run_dir))
+    assert "taking over the lock of a process whose lock cannot be read: it was not refreshed for 125 s" in capsys.readouterr().out
+    # a lock deleted under a running process is made again
+    lock_file.unlink()
+    assert lock.held() and json.loads(lock_file.read_text())["pid"] == os.getpid()
+    lock.release()

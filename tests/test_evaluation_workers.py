@@ -55,8 +55,8 @@ def test_workers_that_cannot_render_are_replaced_once_then_the_run_evaluates_in_
 
 
 def test_a_worker_that_dies_or_falls_silent_is_replaced_and_its_evaluation_made_again_to_the_same_value(capsys):
-    # one worker, and a silence limit of 2 s, so that a stopped worker is found out quickly
-    workers = drm.EvaluationWorkers(1, ENV_ARGS[drm], min_silence_s=2)
+    # one worker, and a silence limit of 5 s, so that a stopped worker is found out quickly
+    workers = drm.EvaluationWorkers(1, ENV_ARGS[drm], min_silence_s=5)
     try:
         networks, seeds = tiny_networks(drm), drm.eval_episode_seeds(1, 0, 2)
         expected = in_process(drm, networks, seeds)
@@ -70,12 +70,12 @@ def test_a_worker_that_dies_or_falls_silent_is_replaced_and_its_evaluation_made_
         assert dead not in workers.processes and all(process.is_alive() for process in workers.processes)
         assert workers.longest_episode_s > 0  # the silence limit grows with the episodes it has seen
 
-        workers.longest_episode_s = 0.5  # the limit is then max(2 s, twice the longest episode seen)
+        workers.longest_episode_s = 0.5  # the limit is then max(5 s, twice the longest episode seen)
         silent = workers.processes[0]
         os.kill(silent.pid, signal.SIGSTOP)
         assert workers(networks, seeds, "cpu") == expected
         assert capsys.readouterr().out == (
-            f"evaluation: evaluation worker 0 (pid {silent.pid}) was silent for 2 s; replacing the workers and evaluating again\n"
+            f"evaluation: evaluation worker 0 (pid {silent.pid}) was silent for 5 s; replacing the workers and evaluating again\n"
         )
         silent.join(5)
         assert silent.exitcode == -signal.SIGKILL  # a stopped worker is killed, not waited for

@@ -1,6 +1,7 @@
 """benchmark/run.py (the grid runner) and benchmark/report.py (figures and tables)."""
 
 import errno
+import json
 import os
 import re
 import signal
@@ -135,12 +136,13 @@ def test_runner_dry_run_expands_the_grid():
     drqv2 = next(c for c in commands if "--exp-name drqv2" in c and "walker-walk" in c and "--seed 2" in c)
     # locally as on Slurm the runs checkpoint every 500,000 frames, with their replay; each run's evaluation
     # workers fit the cores of this machine (one worker: all of them); --extra-flags come last
-    ours = f"--checkpoint-every-frames 500000 --checkpoint-replay --eval-workers {os.cpu_count()} --total-frames 1000"
+    cores = len(os.sched_getaffinity(0))
+    ours = f"--checkpoint-every-frames 500000 --checkpoint-replay --eval-workers {cores} --total-frames 1000"
     assert drqv2.endswith(f"--no-perturb --exploration linear --no-exploit {ours}")
     assert any(c.endswith(f"--exp-name threshold-0.1 --dormant-threshold 0.1 {ours}") for c in commands)
     four = run_script("benchmark/run.py", "--env-ids", "walker-walk", "--seeds", "1", "2", "3", "4", "5", "--variants", "drm",
                       "--workers", "4", "--dry-run")  # fmt: skip
-    assert all(c.split("--eval-workers ")[1].split()[0] == str(max(1, os.cpu_count() // 4)) for c in four.stdout.splitlines())
+    assert all(c.split("--eval-workers ")[1].split()[0] == str(max(1, cores // 4)) for c in four.stdout.splitlines())
     on_slurm = run_script("benchmark/run.py", "--env-ids", "walker-walk", "dog-run", "--seeds", "1", "--variants", "drm", "--launcher",
                           "slurm", "--dry-run", "--no-checkpoint-replay")  # fmt: skip
     walker, dog = on_slurm.stdout.splitlines()
@@ -225,7 +227,7 @@ print("SIGTERM: stopping with a checkpoint at the end of this episode"); sys.exi
 
 
 def test_a_run_is_continued_from_its_checkpoint_in_its_run_directory_and_never_run_twice(tmp_path):
-    from run import GridTask, grid_status, lock_run
+    from run import GridTask, grid_status, lock_run, write_status
 
     task, output_dir, env = GridTask(), str(tmp_path), dict(os.environ)
     task.output_dir = output_dir
@@ -280,6 +282,13 @@ def test_a_run_is_continued_from_its_checkpoint_in_its_run_directory_and_never_r
     os.utime(run_dir / "run.lock", (stale, stale))  # fresh for 2 s more
     started = time.monotonic()
     assert task.run("toy__drm__3", command("toy__drm__3"), env) == 0 and time.monotonic() - started > 2
+
+    # a run that finished after its task had gone (its exit recorded by nobody) says so in its own record
+    (tmp_path / "runs" / "toy__drm__6__1").mkdir()
+    (tmp_path / "runs" / "toy__drm__6__1" / "run.json").write_text(json.dumps({"attempts": 1, "finished": 1000}))
+    write_status(output_dir, "toy__drm__6", state="running", attempts=1, job="local")
+    assert grid_status(output_dir, ["toy__drm__6"])[0][1] == "finished"
+    assert task.run("toy__drm__6", command("toy__drm__6"), env) == 0 and not (tmp_path / "logs" / "toy__drm__6.log").exists()
 
     # a stop signal that kills the run before it could checkpoint stops it all the same: it continues
     assert task.run("toy__drm__5", command("toy__drm__5", "--killed"), env) == -signal.SIGTERM
@@ -423,7 +432,7 @@ def test_a_local_time_limit_while_the_run_still_writes_its_checkpoint_is_waited_
     # waits. The task is started again while the run still holds the run, waits for it to end, and continues it.
     _, run_flags, _ = REFERENCE_RUNS["drm.py"]
     same_run = [*run_flags, *SMALL, "--eval-workers", "1", "--checkpoint-every-frames", "1000", "--total-frames", "2000"]
-    threads = str(os.cpu_count())  # run.py's one worker has all the cores: the float rounding depends on it
+    threads = str(len(os.sched_getaffinity(0)))  # run.py's one worker has all the cores: the float rounding depends on it
     uninterrupted = start("drm.py", "--env-id", "cartpole-balance", "--seed", "1", "--exp-name", "drm", *same_run, cwd=tmp_path,
                           env={**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads})  # fmt: skip
     slow_stop = {"PYTHONPATH": os.path.join(STAND_INS, "slow_stop"), "DRM_TEST_SLOW_STOP": str(tmp_path / "slow-stop-claimed")}
