@@ -1355,14 +1355,13 @@ def run_state(args, next_step, episode_count, networks, optimizers, beta, awaken
         rng["cuda"] = torch.cuda.get_rng_state(device)
     replay = None
     if args.checkpoint_replay:
-        nbytes = sum(getattr(rb, field)[: rb.size].nbytes for field in REPLAY_FIELDS)
         replay = {
             "pos": rb.pos,
             "size": rb.size,
             "episode_step": rb.episode_step,
             "ready": rb.ready,
             "device": rb.device.type,
-            "nbytes": nbytes,
+            "nbytes": replay_bytes(rb, rb.size),
         }
     return {
         "args": vars(args),
@@ -1423,6 +1422,11 @@ def seeding_after_resume(args, start_step):
     due = any(step % args.perturb_interval_steps == 0 and step % args.update_every_steps == 0 for step in steps)
     print(f"seeding the empty replay again: {args.num_seed_frames:,} frames of random actions before the first update", flush=True)
     return seed_until_step, args.perturb and due
+
+
+def replay_bytes(rb, rows):
+    """The bytes of every field of the replay's first `rows` slots: what a checkpoint writes of it."""
+    return sum(getattr(rb, field)[:rows].nbytes for field in REPLAY_FIELDS)
 
 
 def replay_pieces(tensor, rows):
@@ -1572,7 +1576,7 @@ class Checkpoints:
             return
         weights = sum(parameter.nbytes for network in networks for parameter in network.parameters())
         rows = min(rb.capacity, self.args.total_frames // self.args.action_repeat) if self.args.checkpoint_replay else 0
-        size = 3 * weights + rows * sum(getattr(rb, field)[0].nbytes for field in REPLAY_FIELDS)
+        size = 3 * weights + replay_bytes(rb, rows)
         free = shutil.disk_usage(self.run_dir).free
         each = f"up to {size / 1e9:.2f} GB each{' (the replay included)' if rows else ''}"
         if free < size:
