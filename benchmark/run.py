@@ -55,7 +55,8 @@ STOPPED = {128 + signum for signum in STOP_SIGNALS} | {-signum for signum in STO
 # locally, a task is signalled this long before its time limit (at most half of it), and waits for its run's
 # checkpoint until 15 s before the limit: an episode, an evaluation and a write of a 21 GB replay on a slow disk
 LOCAL_SIGNAL_DELAY_S = 900
-# a run directory's own lock (the scripts' run.lock) refreshed this recently is held by a live process
+# a run directory's own lock (the scripts' run.lock) from another host, refreshed this recently, is held by a
+# live process (the scripts' STALE_LOCK_S)
 RUN_LOCK_FRESH_S = 120
 LOCK_POLL_S = 5  # a task waiting for a run that another process holds looks again this often
 # why a pending Slurm job never starts, by the flag that caused it
@@ -244,11 +245,37 @@ def run_record(path):
 
 
 def run_held_elsewhere(path):
-    """Whether a live process holds the run directory `path` (its run.lock refreshed within RUN_LOCK_FRESH_S):
-    a run started by hand, or by a task on another node, where flock is per node."""
-    with contextlib.suppress(OSError):
-        return time.time() - os.stat(os.path.join(path, "run.lock")).st_mtime < RUN_LOCK_FRESH_S
-    return False
+    """Whether a live process holds the run directory `path` by its run.lock (a run started by hand, or by a
+    task on another node, where flock is per node): one on this host while the process the lock names runs
+    (the scripts' own rule for taking a lock over), one from another host, or a lock that cannot be read,
+    while it is refreshed within RUN_LOCK_FRESH_S."""
+    lock_path = os.path.join(path, "run.lock")
+    try:
+        age = time.time() - os.stat(lock_path).st_mtime
+    except OSError:
+        return False
+    with contextlib.suppress(OSError, ValueError, AttributeError), open(lock_path) as file:
+        holder = json.load(file)
+        if holder.get("host") == socket.gethostname() and holder.get("pids") == pid_space():
+            return process_start(holder.get("pid")) == holder.get("started")
+    return age < RUN_LOCK_FRESH_S
+
+
+def process_start(pid):
+    """When process `pid` started, in clock ticks since boot (None if there is no such process), as the
+    scripts record it in run.lock: with the boot, it names a process where its pid alone may have been reused."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return int(stat.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def pid_space():
+    """This boot of the kernel and this pid namespace, as the scripts record them in run.lock (None where
+    /proc cannot tell): where a pid in a lock means the same process as here."""
+    with contextlib.suppress(OSError), open("/proc/sys/kernel/random/boot_id") as boot:
+        return f"{boot.read().strip()}/{os.readlink('/proc/self/ns/pid')}"
 
 
 def log_tail(output_dir, name, size=1 << 16):

@@ -5,6 +5,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -227,7 +228,7 @@ print("SIGTERM: stopping with a checkpoint at the end of this episode"); sys.exi
 
 
 def test_a_run_is_continued_from_its_checkpoint_in_its_run_directory_and_never_run_twice(tmp_path):
-    from run import GridTask, grid_status, lock_run, write_status
+    from run import GridTask, grid_status, lock_run, pid_space, process_start, write_status
 
     task, output_dir, env = GridTask(), str(tmp_path), dict(os.environ)
     task.output_dir = output_dir
@@ -282,6 +283,18 @@ def test_a_run_is_continued_from_its_checkpoint_in_its_run_directory_and_never_r
     os.utime(run_dir / "run.lock", (stale, stale))  # fresh for 2 s more
     started = time.monotonic()
     assert task.run("toy__drm__3", command("toy__drm__3"), env) == 0 and time.monotonic() - started > 2
+    # a run.lock naming a process on this host is held while that process runs, however fresh the lock: a run
+    # killed outright (as Slurm does KillWait after scancel's SIGTERM) is not shown running for 120 s more
+    holder = subprocess.Popen(["sleep", "60"])
+    lock = {"host": socket.gethostname(), "pid": holder.pid, "started": process_start(holder.pid), "pids": pid_space()}
+    (run_dir / "run.lock").write_text(json.dumps(lock))
+    assert grid_status(output_dir, ["toy__drm__3"])[0][1] == "running"
+    holder.kill()
+    holder.wait()
+    assert grid_status(output_dir, ["toy__drm__3"])[0][1] == "finished"
+    (run_dir / "run.lock").write_text(json.dumps({**lock, "host": "another-node"}))  # there, only its age tells
+    assert grid_status(output_dir, ["toy__drm__3"])[0][1] == "running"
+    os.remove(run_dir / "run.lock")
 
     # a run that finished after its task had gone (its exit recorded by nobody) says so in its own record
     (tmp_path / "runs" / "toy__drm__6__1").mkdir()

@@ -126,7 +126,8 @@ def test_a_time_limit_checkpoints_is_requeued_by_submitit_and_resumes(slurm, sce
     # but for an evaluation at frame 3,000, which the reference, ending there, does not make
     trained_to = min(stopped_at + 1000, 2999)
     assert_logs_what_the_reference_logged(only_run_dir(limited), scenarios["reference"].full_dir, trained_to)
-    # scancel's SIGTERM stopped it with a checkpoint again, and a cancelled job is not requeued
+    # scancel's SIGTERM stopped it with a checkpoint again (or, on a loaded machine, KillWait's SIGKILL came
+    # first: from its last checkpoint), and a cancelled job is not requeued; a killed run is not running
     assert re.search(r"\| cartpole-balance__drm__1 \| stopped \| [\d,]+ \| 2 \|", status_of(slurm, limited))
 
 
