@@ -168,7 +168,7 @@ PreemptType=preempt/partition_prio
 PreemptMode=REQUEUE
 NodeName=localhost NodeAddr=127.0.0.1 CPUs=4 RealMemory={memory_mb} State=UNKNOWN
 PartitionName=main Nodes=ALL Default=YES MaxTime=60 State=UP PriorityTier=1 PreemptMode=OFF
-PartitionName=preemptible Nodes=ALL MaxTime=60 State=UP PriorityTier=1 PreemptMode=REQUEUE GraceTime=30
+PartitionName=preemptible Nodes=ALL MaxTime=60 State=UP PriorityTier=1 PreemptMode=REQUEUE GraceTime=90
 PartitionName=high Nodes=ALL MaxTime=60 State=UP PriorityTier=10 PreemptMode=OFF
 """
 
@@ -189,7 +189,8 @@ def slurm_unavailable_reason():
 def slurm():
     """The environment of a running single-node Slurm: a node of 4 CPUs (more than this machine has, so
     that the tests' tiny runs share it) and three partitions, `main`, `preemptible` (its jobs are
-    requeued by jobs of `high`, after a 30 s grace time) and `high`. Where one cannot be started, the
+    requeued by jobs of `high`, after a 90 s grace time: an episode of the tests' runs takes up to
+    about 70 s on a loaded 2-core machine) and `high`. Where one cannot be started, the
     tests skip with the reason, except where DRM_REQUIRE_SLURM is set (CI), where they fail."""
     reason = slurm_unavailable_reason()
     if reason:

@@ -105,7 +105,7 @@ def test_a_grid_runs_end_to_end_and_its_report_reads_it(slurm, scenarios):
 def test_a_preempted_run_checkpoints_is_requeued_and_resumes_to_the_reference_result(slurm, scenarios):
     grid = scenarios["grid"]
     log = log_of(grid)
-    # Slurm's SIGTERM (the grace time is 30 s), a checkpoint at the episode end, the runner's own requeue
+    # Slurm's SIGTERM (the grace time is 90 s), a checkpoint at the episode end, the runner's own requeue
     # (a job that ends within its grace time is not requeued by Slurm), and the same run directory again
     assert "SIGTERM: stopping with a checkpoint at the end of this episode" in log
     assert_resumed_from_its_checkpoint(log)
