@@ -368,7 +368,8 @@ class GridTask:
         the task that started it is gone (at a local time limit the task is started again while its run
         still writes its checkpoint); or a process that holds its run directory (a run started by hand, or by
         a task on another node, where flock is per node). A process that has ended holds nothing: its flock
-        went with it, and its run directory's lock goes stale."""
+        went with it, and its run directory's lock no longer counts (at once on this host; from another, after
+        RUN_LOCK_FRESH_S unrefreshed)."""
         waiting = False
         while True:
             lock = lock_run(self.output_dir, name)
